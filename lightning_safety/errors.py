@@ -1,0 +1,32 @@
+"""Errors raised for bad input.
+
+Every error a user can cause by configuration or data derives from :class:`LightningSafetyError`
+and carries a one-line message that says what is wrong and how to fix it. The CLI prints such
+errors as a single line (no traceback) and exits with status 2.
+"""
+
+from __future__ import annotations
+
+
+class LightningSafetyError(ValueError):
+    """Base class for user-facing configuration and data errors (one-line messages)."""
+
+    def __init__(self, message: str) -> None:
+        # Keep the promise of one line even when a wrapped library message spans several.
+        super().__init__(" ".join(str(message).split()))
+
+
+class ModelLoadError(LightningSafetyError):
+    """A model or tokenizer could not be resolved or loaded."""
+
+
+class IncompatibleReferenceError(LightningSafetyError):
+    """Policy and reference cannot be compared token by token (vocabulary or tokenizer differ)."""
+
+
+class DataError(LightningSafetyError):
+    """A data record or source is unusable (missing response, truncated away, bad field)."""
+
+
+class RiskError(LightningSafetyError):
+    """A risk score is not a finite number in [0, 1], or a schedule is misconfigured."""
