@@ -1,0 +1,81 @@
+"""The risk contract shared by the LightningModule, callbacks and estimators.
+
+A risk score s in [0, 1] is a property of one training example: 0 = benign, 1 = certainly
+harmful. The loss turns it into beta (how strongly the example is held to the reference).
+
+The contract is the batch itself: ``batch["risk"]`` is a float tensor [B]. It gets there from
+the dataset (a precomputed ``risk`` column), from a callback that fills it in
+``on_train_batch_start`` (probe or judge), or from a :class:`RiskEstimator` the module calls.
+A user's own LightningModule reads the same field.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lightning_safety.errors import RiskError
+from lightning_safety.losses import validate_risk
+
+RISK_FIELD = "risk"
+
+
+def check_risk(risk: Tensor, batch_size: int, source: str) -> Tensor:
+    """Validate a risk tensor from ``source``: shape [B], finite, in [0, 1]; returns float32.
+
+    Fails closed: a bad score is an error, never silently treated as "no risk".
+    """
+    if not isinstance(risk, Tensor):
+        risk = torch.as_tensor(risk, dtype=torch.float32)
+    if risk.shape != (batch_size,):
+        raise RiskError(
+            f"{source} gave risk of shape {tuple(risk.shape)} for a batch of {batch_size}: "
+            "return one score per example, a tensor of shape [B]"
+        )
+    return validate_risk(risk.detach().float())
+
+
+class RiskEstimator(ABC):
+    """Per-example risk in [0, 1] for a batch.
+
+    Implementations receive the collated batch (``input_ids`` [B, T], ``attention_mask`` [B, T],
+    ``labels`` [B, T], ``prompt_length`` [B], ``id`` list[str], ...) and the policy model, and
+    return a float tensor [B]. Estimators that depend only on the example and frozen models
+    should cache by ``batch["id"]``.
+    """
+
+    @abstractmethod
+    def __call__(self, batch: Mapping[str, Any], model: nn.Module | None = None) -> Tensor:
+        """Risk scores [B] in [0, 1]."""
+
+
+class FieldRisk(RiskEstimator):
+    """Reads a precomputed risk column from the batch (default ``batch["risk"]``)."""
+
+    def __init__(self, field: str = RISK_FIELD) -> None:
+        self.field = field
+
+    def __call__(self, batch: Mapping[str, Any], model: nn.Module | None = None) -> Tensor:
+        if self.field not in batch:
+            raise RiskError(
+                f"the batch has no '{self.field}' field: give the dataset a {self.field} column, add a "
+                "risk callback, or set model.risk to a constant or an estimator"
+            )
+        return batch[self.field]
+
+
+class ConstantRisk(RiskEstimator):
+    """The same risk for every example (e.g. 1.0 to treat all data as untrusted)."""
+
+    def __init__(self, value: float) -> None:
+        if not 0.0 <= float(value) <= 1.0:
+            raise RiskError(f"constant risk {value} is outside [0, 1]: choose a value between 0 and 1")
+        self.value = float(value)
+
+    def __call__(self, batch: Mapping[str, Any], model: nn.Module | None = None) -> Tensor:
+        input_ids = batch["input_ids"]
+        return torch.full((input_ids.shape[0],), self.value, device=input_ids.device)

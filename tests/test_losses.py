@@ -1,0 +1,493 @@
+"""Tests for the adaptive-KL loss and the risk schedules.
+
+The loss is checked against a float64 brute force written with explicit loops over (b, t),
+independent of the implementation's gather / chunk / checkpoint machinery.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lightning_safety.errors import DataError, IncompatibleReferenceError, RiskError
+from lightning_safety.losses import (
+    AdaptiveKLOutput,
+    ConstantBeta,
+    JudgeScoreSchedule,
+    LinearRiskSchedule,
+    RiskSchedule,
+    ThresholdRiskSchedule,
+    adaptive_kl_loss,
+    validate_risk,
+)
+
+B, T, V = 3, 7, 11
+ATOL = 1e-5
+
+
+# ------------------------------------------------------------------------------------------
+# Helpers
+# ------------------------------------------------------------------------------------------
+
+
+def make_batch(seed: int, batch: int = B, seq: int = T, vocab: int = V):
+    """Random logits and labels; row lengths differ (row 0 has a single response token)."""
+    gen = torch.Generator().manual_seed(seed)
+    policy = torch.randn(batch, seq, vocab, generator=gen) * 2
+    reference = torch.randn(batch, seq, vocab, generator=gen) * 2
+    labels = torch.randint(0, vocab, (batch, seq), generator=gen)
+    keep = torch.rand(batch, seq, generator=gen) < 0.6
+    keep[:, 0] = False  # the first label is never predicted
+    keep[0] = False
+    keep[0, seq - 1] = True  # a row with exactly one response token
+    keep[1, 1] = True  # every row has at least one token
+    labels = torch.where(keep, labels, torch.full_like(labels, -100))
+    beta = torch.rand(batch, generator=gen)
+    return policy, reference, labels, beta
+
+
+def brute_force(policy, reference, labels, beta, weighting, direction, ref_rows=None, ignore=-100):
+    """Float64 loops: returns the loss (differentiable in ``policy``) and per-row statistics."""
+    batch, seq, _ = policy.shape
+    rows = range(batch) if ref_rows is None else [int(b) for b in ref_rows]
+    ref_of = {b: i for i, b in enumerate(rows)}  # policy row -> reference row
+    total = policy.new_zeros(())
+    nll_rows, kl_rows, counts = [], [], []
+    all_nll, all_kl = [], []
+    for b in range(batch):
+        beta_b = float(beta[b])
+        alpha_b = 1.0 - beta_b if weighting == "convex" else 1.0
+        nll_b, kl_b = [], []
+        for t in range(seq - 1):
+            y = int(labels[b, t + 1])
+            if y == ignore:
+                continue
+            logp = torch.log_softmax(policy[b, t], dim=-1)
+            nll = -logp[y]
+            kl = policy.new_zeros(())
+            if b in ref_of:
+                logq = torch.log_softmax(reference[ref_of[b], t].double(), dim=-1)
+                if direction == "forward":
+                    kl = sum(logq[v].exp() * (logq[v] - logp[v]) for v in range(logp.shape[0]))
+                else:
+                    kl = sum(logp[v].exp() * (logp[v] - logq[v]) for v in range(logp.shape[0]))
+                kl_b.append(kl)
+            total = total + alpha_b * nll + beta_b * kl
+            nll_b.append(nll)
+        counts.append(len(nll_b))
+        nll_rows.append(sum(nll_b) / len(nll_b) if nll_b else torch.tensor(0.0))
+        kl_rows.append(sum(kl_b) / len(kl_b) if kl_b else torch.tensor(0.0))
+        all_nll += nll_b
+        all_kl += kl_b
+    n = sum(counts)
+    return {
+        "loss": total / n,
+        "nll": sum(all_nll) / n,
+        "kl": sum(all_kl) / len(all_kl) if all_kl else torch.tensor(0.0),
+        "nll_per_example": torch.stack([x.detach() for x in nll_rows]),
+        "kl_per_example": torch.stack([x.detach() for x in kl_rows]),
+        "tokens_per_example": torch.tensor(counts),
+        "num_tokens": n,
+    }
+
+
+def close(actual, expected, atol=ATOL):
+    torch.testing.assert_close(actual.double(), expected.double().detach(), atol=atol, rtol=1e-5)
+
+
+def saved_bytes(fn, exclude=()) -> int:
+    """Bytes of distinct storages autograd saves for backward while ``fn`` runs.
+
+    Views count once (chunks of one gathered tensor share its storage); the storages of
+    ``exclude`` (inputs the caller keeps alive anyway) do not count.
+    """
+    storages = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    for t in exclude:
+        storages.pop(t.untyped_storage().data_ptr(), None)
+    return sum(storages.values())
+
+
+# ------------------------------------------------------------------------------------------
+# Loss against the brute force
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize(
+    "weighting,direction", list(itertools.product(["convex", "additive"], ["forward", "reverse"]))
+)
+def test_matches_brute_force_values_and_gradients(seed, weighting, direction):
+    policy, reference, labels, beta = make_batch(seed)
+    policy32 = policy.clone().requires_grad_()
+    out = adaptive_kl_loss(
+        policy32, reference, labels, beta, weighting=weighting, direction=direction
+    )
+    out.loss.backward()
+
+    policy64 = policy.double().requires_grad_()
+    ref = brute_force(policy64, reference, labels, beta, weighting, direction)
+    ref["loss"].backward()
+
+    assert isinstance(out, AdaptiveKLOutput)
+    close(out.loss, ref["loss"])
+    close(out.nll, ref["nll"])
+    close(out.kl, ref["kl"])
+    close(out.nll_per_example, ref["nll_per_example"])
+    close(out.kl_per_example, ref["kl_per_example"])
+    assert torch.equal(out.tokens_per_example, ref["tokens_per_example"])
+    assert out.num_tokens.dtype == torch.int64 and int(out.num_tokens) == ref["num_tokens"]
+    close(out.loss_sum / out.num_tokens, out.loss, atol=1e-6)
+    close(out.beta, beta)
+    close(out.alpha, 1 - beta if weighting == "convex" else torch.ones(B))
+    close(policy32.grad, policy64.grad)
+    assert not out.nll.requires_grad and not out.kl_per_example.requires_grad
+
+
+@pytest.mark.parametrize("direction", ["forward", "reverse"])
+@pytest.mark.parametrize("chunk_size", [1, 2, 3, 100])
+def test_chunked_equals_unchunked(chunk_size, direction):
+    policy, reference, labels, beta = make_batch(3)
+    grads, outs = [], []
+    for chunk in (None, chunk_size):
+        logits = policy.clone().requires_grad_()
+        out = adaptive_kl_loss(
+            logits, reference, labels, beta, direction=direction, chunk_size=chunk
+        )
+        out.loss.backward()
+        grads.append(logits.grad)
+        outs.append(out)
+    for name in ("loss", "nll", "kl", "nll_per_example", "kl_per_example", "loss_sum"):
+        close(getattr(outs[1], name), getattr(outs[0], name), atol=1e-6)
+    close(grads[1], grads[0], atol=1e-6)
+    assert outs[1].loss.requires_grad
+
+
+def test_chunked_with_reference_subset_and_no_grad():
+    policy, reference, labels, _ = make_batch(4)
+    beta = torch.tensor([0.4, 0.0, 0.8])
+    rows = torch.tensor([2, 0])
+    full = adaptive_kl_loss(policy, reference[rows], labels, beta, reference_rows=rows)
+    with torch.no_grad():
+        chunked = adaptive_kl_loss(
+            policy, reference[rows], labels, beta, reference_rows=rows, chunk_size=2
+        )
+    close(chunked.loss, full.loss, atol=1e-6)
+    close(chunked.kl_per_example, full.kl_per_example, atol=1e-6)
+
+
+def test_reference_rows_subset_matches_full_when_skipped_rows_have_zero_beta():
+    policy, reference, labels, _ = make_batch(5)
+    beta = torch.tensor([0.3, 0.0, 0.7])
+    rows = torch.tensor([2, 0])  # any order
+    full = adaptive_kl_loss(policy, reference, labels, beta)
+    subset = adaptive_kl_loss(policy, reference[rows], labels, beta, reference_rows=rows)
+    close(subset.loss, full.loss, atol=1e-6)
+    close(subset.nll_per_example, full.nll_per_example, atol=1e-6)
+    close(subset.kl_per_example[[0, 2]], full.kl_per_example[[0, 2]], atol=1e-6)
+    assert float(subset.kl_per_example[1]) == 0.0
+    ref = brute_force(
+        policy.double(), reference[rows], labels, beta, "convex", "forward", ref_rows=rows
+    )
+    close(subset.kl, ref["kl"])
+
+
+def test_row_with_beta_but_no_reference_row_raises():
+    policy, reference, labels, _ = make_batch(5)
+    beta = torch.tensor([0.3, 0.2, 0.7])
+    with pytest.raises(RiskError, match="beta > 0 but no reference logits"):
+        rows = torch.tensor([0, 2])
+        adaptive_kl_loss(policy, reference[rows], labels, beta, reference_rows=rows)
+
+
+def test_zero_beta_is_plain_cross_entropy_without_reference():
+    policy, _, labels, _ = make_batch(6)
+    logits = policy.clone().requires_grad_()
+    out = adaptive_kl_loss(logits, None, labels, 0.0)
+    expected = F.cross_entropy(policy[:, :-1].reshape(-1, V), labels[:, 1:].reshape(-1))
+    torch.testing.assert_close(out.loss, expected, atol=1e-6, rtol=0)
+    assert float(out.kl) == 0.0 and torch.all(out.kl_per_example == 0)
+    out.loss.backward()
+    assert logits.grad is not None
+    out_chunked = adaptive_kl_loss(
+        policy, None, labels, torch.zeros(B), chunk_size=2, weighting="additive"
+    )
+    torch.testing.assert_close(out_chunked.loss, expected, atol=1e-6, rtol=0)
+
+
+def test_kl_zero_for_identical_reference_and_positive_otherwise():
+    policy, reference, labels, beta = make_batch(7)
+    for direction in ("forward", "reverse"):
+        same = adaptive_kl_loss(policy, policy.clone(), labels, beta, direction=direction)
+        assert abs(float(same.kl)) < 1e-6
+        assert same.kl_per_example.abs().max() < 1e-6
+        other = adaptive_kl_loss(policy, reference, labels, beta, direction=direction)
+        assert float(other.kl) > 0.01
+        assert torch.all(other.kl_per_example > 0)
+
+
+def test_reference_gets_no_gradient_and_bf16_logits_work():
+    policy, reference, labels, beta = make_batch(8)
+    ref = reference.clone().requires_grad_()
+    low = policy.to(torch.bfloat16).requires_grad_()
+    out = adaptive_kl_loss(low, ref, labels, beta, chunk_size=3)
+    out.loss.backward()
+    assert ref.grad is None
+    assert low.grad.dtype == torch.bfloat16
+    expected = adaptive_kl_loss(low.detach().float(), reference, labels, beta)
+    close(out.loss, expected.loss, atol=1e-5)
+
+
+def test_custom_ignore_index_and_scalar_beta():
+    policy, reference, labels, _ = make_batch(9)
+    relabelled = torch.where(labels == -100, torch.full_like(labels, -1), labels)
+    a = adaptive_kl_loss(policy, reference, labels, 0.25)
+    b = adaptive_kl_loss(policy, reference, relabelled, torch.tensor(0.25), ignore_index=-1)
+    close(b.loss, a.loss, atol=1e-7)
+    close(a.beta, torch.full((B,), 0.25))
+
+
+# ------------------------------------------------------------------------------------------
+# Bad inputs
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "beta,match",
+    [
+        (torch.tensor([0.1, float("nan"), 0.2]), "finite"),
+        (torch.tensor([0.1, 1.5, 0.2]), "in \\[0, 1\\]"),
+        (torch.tensor([0.1, 0.2]), "shape"),
+        (float("inf"), "finite"),
+        (-0.1, "in \\[0, 1\\]"),
+    ],
+)
+def test_bad_beta_raises_risk_error(beta, match):
+    policy, reference, labels, _ = make_batch(0)
+    with pytest.raises(RiskError, match=match) as info:
+        adaptive_kl_loss(policy, reference, labels, beta)
+    assert "\n" not in str(info.value)
+
+
+def test_no_response_tokens_raises_data_error():
+    policy, reference, labels, beta = make_batch(0)
+    labels = labels.clone()
+    labels[:, 1:] = -100
+    labels[:, 0] = 3  # the first label is never a target
+    with pytest.raises(DataError, match="no response tokens"):
+        adaptive_kl_loss(policy, reference, labels, beta)
+    assert issubclass(DataError, ValueError)
+
+
+def test_beta_without_reference_raises():
+    policy, _, labels, beta = make_batch(0)
+    with pytest.raises(RiskError, match="reference"):
+        adaptive_kl_loss(policy, None, labels, beta)
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,match",
+    [
+        ({"labels": torch.zeros(B, T + 1, dtype=torch.long)}, DataError, "labels shape"),
+        ({"labels": torch.zeros(B, T)}, DataError, "integer"),
+        ({"policy_logits": torch.zeros(B, T)}, DataError, r"\[B, T, V\]"),
+        ({"reference_logits": torch.zeros(B, T, V + 1)}, IncompatibleReferenceError, "vocabulary"),
+        ({"reference_logits": torch.zeros(B - 1, T, V)}, DataError, "reference_rows"),
+        ({"reference_rows": torch.tensor([0, 0, 1])}, DataError, "repeat"),
+        ({"reference_rows": torch.tensor([0, 1, 5])}, DataError, "row indices"),
+        ({"labels": torch.full((B, T), V, dtype=torch.long)}, DataError, "vocabulary"),
+        ({"chunk_size": 0}, ValueError, "chunk_size"),
+        ({"direction": "sideways"}, ValueError, "direction"),
+    ],
+)
+def test_bad_shapes_and_options_raise(kwargs, error, match):
+    policy, reference, labels, beta = make_batch(0)
+    args = {"policy_logits": policy, "reference_logits": reference, "labels": labels, "beta": beta}
+    args.update(kwargs)
+    with pytest.raises(error, match=match):
+        adaptive_kl_loss(
+            args.pop("policy_logits"),
+            args.pop("reference_logits"),
+            args.pop("labels"),
+            args.pop("beta"),
+            **args,
+        )
+
+
+# ------------------------------------------------------------------------------------------
+# Memory of the chunked path
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("direction", ["forward", "reverse"])
+def test_chunked_saves_far_less_for_backward(direction):
+    batch, seq, vocab, chunk = 2, 64, 4096, 8
+    gen = torch.Generator().manual_seed(0)
+    # bf16 logits as in real training: the only [N, V] tensor the chunked path keeps is the
+    # gathered copy in that dtype, while the unchunked one keeps float32 [N, V] intermediates.
+    policy = torch.randn(batch, seq, vocab, generator=gen).to(torch.bfloat16)
+    reference = torch.randn(batch, seq, vocab, generator=gen).to(torch.bfloat16)
+    labels = torch.randint(0, vocab, (batch, seq), generator=gen)
+    labels[:, :8] = -100  # a short prompt
+    beta = torch.tensor([0.5, 0.2])
+    n_tokens = batch * (seq - 1 - 7)
+
+    def run(chunk_size):
+        logits = policy.clone().requires_grad_()
+        holder = {}
+
+        def forward():
+            holder["out"] = adaptive_kl_loss(
+                logits, reference, labels, beta, direction=direction, chunk_size=chunk_size
+            )
+
+        nbytes = saved_bytes(forward, exclude=(logits, reference))
+        holder["out"].loss.backward()
+        return nbytes, logits.grad
+
+    unchunked, grad_full = run(None)
+    chunked, grad_chunked = run(chunk)
+    float32_rows = n_tokens * vocab * 4  # one float32 [N, V] tensor
+    assert unchunked >= 2 * float32_rows
+    assert chunked < unchunked / 3
+    assert chunked < n_tokens * vocab * 2 + 3 * chunk * vocab * 4  # bf16 [N, V] copy + < 1 chunk
+    torch.testing.assert_close(grad_chunked, grad_full, atol=1e-6, rtol=0)
+
+
+# ------------------------------------------------------------------------------------------
+# Schedules
+# ------------------------------------------------------------------------------------------
+
+
+def test_linear_schedule_formula_dtype_and_min_beta():
+    schedule = LinearRiskSchedule(0.2, 0.6)
+    beta = schedule(torch.tensor([0.0, 0.5, 1.0], dtype=torch.float64))
+    assert beta.dtype == torch.float32
+    torch.testing.assert_close(beta, torch.tensor([0.2, 0.4, 0.6]))
+    assert schedule.min_beta == 0.2
+    assert isinstance(schedule, RiskSchedule)
+
+
+def test_linear_schedule_validation():
+    with pytest.raises(RiskError, match="beta_min") as info:
+        LinearRiskSchedule(beta_min=0.9, beta_max=0.1)
+    assert "beta_min (0.9) must not exceed beta_max (0.1)" in str(info.value)
+    with pytest.raises(RiskError, match="beta_max"):
+        LinearRiskSchedule(beta_max=1.2)
+    with pytest.raises(RiskError, match="ema"):
+        LinearRiskSchedule(ema=1.0)
+    with pytest.raises(RiskError, match="ema"):
+        LinearRiskSchedule(ema=float("nan"))
+
+
+@pytest.mark.parametrize(
+    "risk,match",
+    [
+        (torch.tensor([0.1, float("nan"), float("nan"), 1.5]), "got 2 NaN and 1 out-of-range"),
+        (torch.tensor([float("inf")]), "got 0 NaN and 1 out-of-range"),
+        (torch.tensor([-0.1]), "out-of-range"),
+        (torch.tensor([[0.1]]), "1-D"),
+        (torch.tensor([1, 0]), "float"),
+        ([0.1], "tensor"),
+    ],
+)
+def test_bad_risk_raises(risk, match):
+    schedules = [LinearRiskSchedule(), JudgeScoreSchedule(), ThresholdRiskSchedule()]
+    schedules.append(ConstantBeta())
+    for schedule in schedules:
+        with pytest.raises(RiskError, match=match):
+            schedule(risk)
+    with pytest.raises(RiskError, match=match):
+        validate_risk(risk)
+
+
+def test_ema_batch_size_one_follows_paper_recurrence():
+    lam = 0.7
+    signal = [0.9, 0.1, 0.5, 1.0, 0.0]
+    schedule = LinearRiskSchedule(0.1, 0.9, ema=lam)
+    smoothed = None
+    for s in signal:
+        smoothed = s if smoothed is None else lam * smoothed + (1 - lam) * s
+        beta = schedule(torch.tensor([s]))
+        torch.testing.assert_close(beta, torch.tensor([0.1 + 0.8 * smoothed]))
+        assert schedule.state_dict()["ema_state"] == pytest.approx(smoothed)
+
+
+def test_ema_batch_rows_differ_and_update_false_keeps_state():
+    schedule = LinearRiskSchedule(0.0, 1.0, ema=0.5)
+    assert schedule.state_dict() == {"ema_state": None}
+    first = schedule(torch.tensor([0.0, 1.0]))  # state starts at the batch mean 0.5
+    torch.testing.assert_close(first, torch.tensor([0.25, 0.75]))
+    assert schedule.state_dict()["ema_state"] == pytest.approx(0.5)
+    before = schedule.state_dict()
+    peek = schedule(torch.tensor([1.0, 1.0]), update=False)
+    torch.testing.assert_close(peek, torch.tensor([0.75, 0.75]))
+    assert schedule.state_dict() == before
+    fresh = LinearRiskSchedule(0.0, 1.0, ema=0.5)
+    fresh(torch.tensor([0.3]), update=False)
+    assert fresh.state_dict() == {"ema_state": None}
+
+
+def test_ema_state_round_trip_continues_identically():
+    original = LinearRiskSchedule(0.1, 0.9, ema=0.8)
+    for s in (0.2, 0.9, 0.4):
+        original(torch.tensor([s, 1 - s]))
+    resumed = LinearRiskSchedule(0.1, 0.9, ema=0.8)
+    resumed.load_state_dict(original.state_dict())
+    for s in (0.7, 0.0, 0.3):
+        risk = torch.tensor([s, 0.5])
+        assert torch.equal(resumed(risk), original(risk))
+    assert resumed.state_dict() == original.state_dict()
+    with pytest.raises(RiskError, match="unknown keys"):
+        resumed.load_state_dict({"other": 1.0})
+    with pytest.raises(RiskError, match="ema_state"):
+        resumed.load_state_dict({"ema_state": float("nan")})
+    ConstantBeta().load_state_dict({})
+
+
+def test_judge_score_schedule_on_normalised_scores():
+    scores = torch.arange(1, 6, dtype=torch.float32)
+    beta = JudgeScoreSchedule()((scores - 1) / 4)
+    torch.testing.assert_close(beta, torch.tensor([0.1, 0.1, 1 / 3, 2 / 3, 0.9]))
+    assert JudgeScoreSchedule(low=0.0, high=1.0).min_beta == 0.0
+    with pytest.raises(RiskError, match="low"):
+        JudgeScoreSchedule(low=0.8, high=0.2)
+
+
+def test_threshold_schedule():
+    schedule = ThresholdRiskSchedule(threshold=0.5, beta_low=0.1, beta_high=0.9)
+    beta = schedule(torch.tensor([0.0, 0.49, 0.5, 1.0]))
+    torch.testing.assert_close(beta, torch.tensor([0.1, 0.1, 0.9, 0.9]))
+    assert schedule.min_beta == 0.1
+    with pytest.raises(RiskError, match="threshold"):
+        ThresholdRiskSchedule(threshold=1.5)
+    with pytest.raises(RiskError, match="beta_low"):
+        ThresholdRiskSchedule(beta_low=0.9, beta_high=0.1)
+
+
+def test_constant_beta():
+    schedule = ConstantBeta(0.3)
+    torch.testing.assert_close(schedule(torch.tensor([0.0, 1.0, 0.5])), torch.full((3,), 0.3))
+    assert schedule.min_beta == 0.3
+    assert ConstantBeta(0.0).min_beta == 0.0
+    with pytest.raises(RiskError, match="beta"):
+        ConstantBeta(-0.5)
+    with pytest.raises(RiskError, match="beta"):
+        ConstantBeta(True)
+
+
+def test_schedule_output_feeds_the_loss():
+    policy, reference, labels, _ = make_batch(10)
+    beta = JudgeScoreSchedule()(torch.tensor([0.0, 0.5, 1.0]))
+    out = adaptive_kl_loss(policy, reference, labels, beta)
+    assert torch.isfinite(out.loss)
