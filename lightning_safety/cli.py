@@ -1,0 +1,51 @@
+"""``lightning-safety``: LightningCLI for fit / validate / test / predict with YAML recipes.
+
+Examples::
+
+    lightning-safety fit --config configs/tiny.yaml
+    lightning-safety fit --config configs/smollm2_lora_adaptive.yaml --trainer.max_steps 5
+    lightning-safety fit --config configs/tiny.yaml --print_config
+
+Errors caused by configuration or data print as one line (``error: ...``) and exit with 2.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+from lightning_safety.data import ChatSFTDataModule
+from lightning_safety.errors import LightningSafetyError
+from lightning_safety.module import SafeFineTuning
+
+
+class SafetyCLI(LightningCLI):
+    """LightningCLI for :class:`SafeFineTuning` and :class:`ChatSFTDataModule`.
+
+    The data's tokenizer follows the model (``model.model`` -> ``data.tokenizer``), so a recipe
+    names its model once.
+    """
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.link_arguments("model.model", "data.tokenizer")
+
+
+def main(args: Sequence[str] | None = None) -> None:
+    """Console entry point."""
+    try:
+        SafetyCLI(
+            SafeFineTuning,
+            ChatSFTDataModule,
+            args=list(args) if args is not None else None,
+            parser_kwargs={"description": "Fine-tune chat LLMs while keeping them safe (adaptive KL)."},
+            save_config_kwargs={"overwrite": True},
+        )
+    except LightningSafetyError as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,339 @@
+"""The LightningModule: a trainable policy held close to a frozen safe reference where data is risky.
+
+Per training step::
+
+    risk  [B]  <- batch["risk"] (dataset column or risk callback), a constant, or an estimator
+    beta  [B]  <- schedule(risk)
+    ref_logits <- reference forward (no_grad) on the rows with beta > 0 only
+    loss       <- adaptive_kl_loss(policy_logits, ref_logits, labels, beta)
+
+Under data parallelism the loss is normalised by the number of response tokens of the *global*
+batch (one all-reduce of a few scalars per step), so that training on N processes gives the same
+gradients as one process on the concatenated batch, and the logged loss is the global one.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import Tensor, nn
+
+from lightning_safety.errors import LightningSafetyError, ModelLoadError
+from lightning_safety.losses import AdaptiveKLOutput, LinearRiskSchedule, RiskSchedule, adaptive_kl_loss
+from lightning_safety.models import (
+    LoraSettings,
+    ReferenceStrategy,
+    add_reference_adapter,
+    apply_lora,
+    check_same_vocabulary,
+    frozen_copy,
+    load_adapter,
+    load_causal_lm,
+    load_tokenizer,
+    reference_logits,
+    resolve_reference_strategy,
+)
+from lightning_safety.risk.base import ConstantRisk, FieldRisk, RiskEstimator, check_risk
+from lightning_safety.tiny_model import TINY_MODEL_ALIAS
+
+_CHECKPOINT_KEY = "lightning_safety"
+# Order of the per-step statistics reduced across processes in one all-reduce.
+_STATS = ("tokens", "loss_sum", "nll_sum", "kl_sum", "kl_tokens", "beta_sum", "regularized", "risk_sum", "rows")
+
+
+class SafeFineTuning(L.LightningModule):
+    """Fine-tune a causal LM with the adaptive-KL objective toward a frozen safe reference.
+
+    Args:
+        model: the policy: hub id, local folder, ``.gguf`` file, alias (``smollm2-135m-instruct``,
+            ``tiny-random-llama``), or an already built ``PreTrainedModel``.
+        dtype: weights dtype when loading by name (``float32``, ``bfloat16``, ``float16``).
+        lora: LoRA settings; ``None`` trains every weight (full fine-tuning).
+        adapter: path of an already trained PEFT adapter to continue training.
+        reference: ``auto``, ``adapter_disabled``, ``adapter_copy``, ``model_copy`` or ``separate``
+            (see :mod:`lightning_safety.models`); ``auto`` picks the one that fits.
+        reference_model: the reference's name when ``reference`` is ``separate``.
+        gradient_checkpointing: recompute activations in backward to save memory.
+        trust_remote_code: allow models whose code lives on the hub (off unless asked).
+        schedule: maps risk in [0, 1] to beta; ``None`` is the paper's ``LinearRiskSchedule(0.1, 0.9)``.
+            ``ConstantBeta(0.0)`` is plain SFT, ``ConstantBeta(b)`` the constant-KL baseline.
+        risk: where per-example risk comes from: ``None`` reads ``batch["risk"]`` (a dataset
+            column or a risk callback), a float is the same risk for every example, or a
+            :class:`~lightning_safety.risk.RiskEstimator`.
+        weighting: ``convex`` (alpha = 1 - beta, the paper) or ``additive`` (alpha = 1).
+        direction: ``forward`` = KL(pi_ref || pi_theta) (the paper) or ``reverse``.
+        chunk_size: compute NLL and KL over chunks of this many response tokens so that no more
+            than one chunk of float32 [B, chunk, V] temporaries is alive (None: all at once).
+        optimizer: optimizer over the trainable parameters only.
+        lr_scheduler: optional scheduler, stepped every optimizer step.
+
+    Example::
+
+        module = SafeFineTuning("smollm2-135m-instruct", lora=LoraSettings(r=8))
+        trainer = L.Trainer(max_steps=5)
+        trainer.fit(module, datamodule=ChatSFTDataModule(train="data.jsonl", tokenizer="smollm2-135m-instruct"))
+    """
+
+    def __init__(
+        self,
+        model: str | nn.Module = TINY_MODEL_ALIAS,
+        *,
+        dtype: str | None = None,
+        lora: LoraSettings | None = None,
+        adapter: str | None = None,
+        reference: ReferenceStrategy = "auto",
+        reference_model: str | None = None,
+        gradient_checkpointing: bool = False,
+        trust_remote_code: bool = False,
+        schedule: RiskSchedule | None = None,
+        risk: RiskEstimator | float | None = None,
+        weighting: Literal["convex", "additive"] = "convex",
+        direction: Literal["forward", "reverse"] = "forward",
+        chunk_size: int | None = None,
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        lr_scheduler: LRSchedulerCallable | None = None,
+    ) -> None:
+        super().__init__()
+        # Callables and estimators (which may hold models) stay out of the checkpoint's hparams;
+        # LightningCLI saves the full config next to the run anyway.
+        unsaved = ["optimizer", "lr_scheduler", "risk"] + (["model"] if isinstance(model, nn.Module) else [])
+        self.save_hyperparameters(ignore=unsaved)
+        self.model_source = model
+        self.dtype_name = dtype
+        self.lora = lora
+        self.adapter = adapter
+        self.reference_strategy = resolve_reference_strategy(
+            reference, lora=lora is not None, adapter=adapter is not None, reference_model=reference_model
+        )
+        self.reference_model_name = reference_model
+        self.gradient_checkpointing = gradient_checkpointing
+        self.trust_remote_code = trust_remote_code
+        # A private copy: schedules with EMA state must not be shared between modules.
+        self.schedule = LinearRiskSchedule() if schedule is None else copy.deepcopy(schedule)
+        self.risk_source = self._risk_estimator(risk)
+        self.weighting = weighting
+        self.direction = direction
+        self.chunk_size = chunk_size
+        self.optimizer_factory = optimizer
+        self.lr_scheduler_factory = lr_scheduler
+        self.policy: nn.Module | None = None
+        self.reference: nn.Module | None = None  # only for model_copy / separate
+        self._val_stats: Tensor | None = None
+
+    @staticmethod
+    def _risk_estimator(risk: RiskEstimator | float | None) -> RiskEstimator:
+        if risk is None:
+            return FieldRisk()
+        if isinstance(risk, (int, float)):
+            return ConstantRisk(float(risk))
+        return risk
+
+    # ------------------------------------------------------------------ building
+    def configure_model(self) -> None:
+        """Load the policy, attach LoRA, and build the reference (once; delayed-init friendly)."""
+        if self.policy is not None:
+            return
+        source = self.model_source
+        if isinstance(source, str):
+            policy = load_causal_lm(source, dtype=self.dtype_name, trust_remote_code=self.trust_remote_code)
+        else:
+            policy = source
+        reference = None
+        if self.reference_strategy == "model_copy":
+            # Copy before any adapter is attached: the reference is the starting model.
+            reference = frozen_copy(policy)
+        if self.adapter is not None:
+            policy = load_adapter(policy, self.adapter, trainable=True)
+        elif self.lora is not None:
+            policy = apply_lora(policy, self.lora)
+        if self.reference_strategy == "adapter_copy":
+            add_reference_adapter(policy)
+        elif self.reference_strategy == "separate":
+            reference = frozen_copy(
+                load_causal_lm(self.reference_model_name, dtype=self.dtype_name, trust_remote_code=self.trust_remote_code)
+            )
+            check_same_vocabulary(policy, reference)
+            if isinstance(source, str):  # same size is not enough: the ids must mean the same tokens
+                check_same_vocabulary(
+                    policy, reference, load_tokenizer(source), load_tokenizer(self.reference_model_name)
+                )
+        if self.gradient_checkpointing:
+            policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.policy = policy
+        self.reference = reference
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def configure_optimizers(self) -> Any:
+        params = self.trainable_parameters()
+        if not params:
+            raise ModelLoadError("the policy has no trainable parameters: set model.lora, or unfreeze the model")
+        optimizer = self.optimizer_factory(params)
+        if self.lr_scheduler_factory is None:
+            return optimizer
+        scheduler = self.lr_scheduler_factory(optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ------------------------------------------------------------------ the step
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        """Policy logits [B, T, V]."""
+        return self.policy(input_ids=input_ids, attention_mask=attention_mask).logits
+
+    def risk_for(self, batch: Mapping[str, Any]) -> Tensor:
+        """Validated per-example risk [B] in [0, 1] for a batch (fails closed on bad scores)."""
+        batch_size = batch["input_ids"].shape[0]
+        if not getattr(self.schedule, "uses_risk", True) and not isinstance(self.risk_source, ConstantRisk):
+            if "risk" not in batch:  # a constant-beta schedule does not look at risk
+                return torch.zeros(batch_size, device=batch["input_ids"].device)
+        risk = self.risk_source(batch, self.policy)
+        return check_risk(risk, batch_size, source=type(self.risk_source).__name__)
+
+    def compute_loss(self, batch: Mapping[str, Any], *, update_schedule: bool) -> tuple[AdaptiveKLOutput, Tensor, Tensor]:
+        """Risk -> beta -> (reference forward on rows with beta > 0) -> policy forward -> loss.
+
+        Returns the loss terms, the risk [B] and beta [B].
+        """
+        input_ids, attention_mask = batch["input_ids"], batch.get("attention_mask")
+        risk = self.risk_for(batch)
+        beta = self.schedule(risk, update=update_schedule).to(input_ids.device)
+        rows = torch.nonzero(beta > 0).squeeze(1)
+        ref_logits, ref_rows = None, None
+        if rows.numel() == beta.numel():
+            ref_logits = reference_logits(self.reference_strategy, self.policy, self.reference, input_ids, attention_mask)
+        elif rows.numel() > 0:
+            ref_rows = rows
+            mask = attention_mask[rows] if attention_mask is not None else None
+            ref_logits = reference_logits(self.reference_strategy, self.policy, self.reference, input_ids[rows], mask)
+        policy_logits = self(input_ids, attention_mask)
+        out = adaptive_kl_loss(
+            policy_logits,
+            ref_logits,
+            batch["labels"],
+            beta,
+            weighting=self.weighting,
+            direction=self.direction,
+            chunk_size=self.chunk_size,
+            reference_rows=ref_rows,
+        )
+        return out, risk, beta
+
+    def _local_stats(self, out: AdaptiveKLOutput, risk: Tensor, beta: Tensor) -> Tensor:
+        tokens = out.tokens_per_example.float()
+        regularized = beta > 0
+        kl_tokens = (tokens * regularized).sum()
+        values = {
+            "tokens": tokens.sum(),
+            "loss_sum": out.loss_sum.detach(),
+            "nll_sum": (out.nll_per_example * tokens).sum(),
+            "kl_sum": (out.kl_per_example * tokens).sum(),
+            "kl_tokens": kl_tokens,
+            "beta_sum": beta.sum(),
+            "regularized": regularized.float().sum(),
+            "risk_sum": risk.sum(),
+            "rows": torch.tensor(float(beta.numel()), device=beta.device),
+        }
+        return torch.stack([values[name].float().to(self.device) for name in _STATS])
+
+    def _global_sum(self, stats: Tensor) -> Tensor:
+        if self._trainer is None or self.trainer.world_size == 1:
+            return stats
+        return self.trainer.strategy.reduce(stats.clone(), reduce_op="sum")
+
+    @staticmethod
+    def _summary(stats: Tensor) -> dict[str, Tensor]:
+        s = dict(zip(_STATS, stats))
+        return {
+            "loss": s["loss_sum"] / s["tokens"],
+            "nll": s["nll_sum"] / s["tokens"],
+            "kl": s["kl_sum"] / s["kl_tokens"].clamp(min=1.0),
+            "beta_mean": s["beta_sum"] / s["rows"],
+            "regularized_fraction": s["regularized"] / s["rows"],
+            "risk_mean": s["risk_sum"] / s["rows"],
+        }
+
+    def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> Tensor:
+        out, risk, beta = self.compute_loss(batch, update_schedule=True)
+        stats = self._global_sum(self._local_stats(out, risk, beta))
+        world_size = 1 if self._trainer is None else self.trainer.world_size
+        # DDP averages gradients over processes; scaling by world_size / global tokens makes the
+        # result the token mean of the global batch, exactly as one process would compute it.
+        loss = out.loss_sum * (world_size / stats[0])
+        summary = self._summary(stats)
+        batch_size = int(beta.numel())
+        self.log("train/loss", summary.pop("loss"), prog_bar=True, batch_size=batch_size)
+        for name, value in summary.items():
+            self.log(f"train/{name}", value, batch_size=batch_size)
+        return loss
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_stats = None
+
+    def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
+        out, risk, beta = self.compute_loss(batch, update_schedule=False)
+        stats = self._local_stats(out, risk, beta)
+        self._val_stats = stats if self._val_stats is None else self._val_stats + stats
+
+    def on_validation_epoch_end(self) -> None:
+        if self._val_stats is None:
+            return
+        summary = self._summary(self._global_sum(self._val_stats))
+        for name, value in summary.items():
+            self.log(f"val/{name}", value, prog_bar=name == "loss")
+        self._val_stats = None
+
+    def test_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
+        out, risk, beta = self.compute_loss(batch, update_schedule=False)
+        size = int(beta.numel())
+        self.log("test/loss", out.loss, batch_size=size, sync_dist=True)
+        self.log("test/nll", out.nll, batch_size=size, sync_dist=True)
+        self.log("test/kl", out.kl, batch_size=size, sync_dist=True)
+
+    def predict_step(self, batch: Mapping[str, Any], batch_idx: int) -> dict[str, Any]:
+        """Per-example risk, beta, NLL and KL to the reference (for auditing a dataset)."""
+        out, risk, beta = self.compute_loss(batch, update_schedule=False)
+        return {
+            "id": batch.get("id"),
+            "risk": risk.cpu(),
+            "beta": beta.cpu(),
+            "nll": out.nll_per_example.cpu(),
+            "kl": out.kl_per_example.cpu(),
+        }
+
+    # ------------------------------------------------------------------ checkpoints
+    def _frozen_keys(self, state_dict: Mapping[str, Tensor]) -> list[str]:
+        """Keys of weights that are frozen (reference, LoRA base): identical to the loaded model."""
+        trainable = {name for name, p in self.named_parameters() if p.requires_grad}
+        buffers = {name for name, _ in self.named_buffers()}
+        return [key for key in state_dict if key not in trainable and key not in buffers]
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get("state_dict")
+        frozen = self._frozen_keys(state) if state is not None else []
+        for key in frozen:
+            del state[key]
+        checkpoint[_CHECKPOINT_KEY] = {
+            "schedule": self.schedule.state_dict(),
+            "frozen_keys_omitted": len(frozen),
+            "reference_strategy": self.reference_strategy,
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.configure_model()
+        extra = checkpoint.get(_CHECKPOINT_KEY)
+        if extra is None:
+            raise LightningSafetyError(
+                "this checkpoint was not written by SafeFineTuning (no 'lightning_safety' entry): "
+                "load it with the module that wrote it"
+            )
+        self.schedule.load_state_dict(extra["schedule"])
+        state = checkpoint.get("state_dict")
+        if state is not None:
+            # Frozen weights were left out when saving: they come from the model as loaded.
+            for key, value in self.state_dict().items():
+                state.setdefault(key, value)
