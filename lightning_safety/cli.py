@@ -42,9 +42,23 @@ def main(args: Sequence[str] | None = None) -> None:
             parser_kwargs={"description": "Fine-tune chat LLMs while keeping them safe (adaptive KL)."},
             save_config_kwargs={"overwrite": True},
         )
-    except LightningSafetyError as error:
-        print(f"error: {error}", file=sys.stderr)
+    except Exception as error:
+        ours = _find_our_error(error)
+        if ours is None:
+            raise
+        print(f"error: {ours}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def _find_our_error(error: BaseException | None) -> LightningSafetyError | None:
+    """Our error itself, or the one a library (e.g. jsonargparse instantiating a class) wrapped."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, LightningSafetyError):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
 
 
 if __name__ == "__main__":

@@ -13,7 +13,8 @@ class LightningSafetyError(ValueError):
 
     def __init__(self, message: str) -> None:
         # Keep the promise of one line even when a wrapped library message spans several.
-        super().__init__(" ".join(str(message).split()))
+        message = " ".join(str(message).split())
+        super().__init__(message)
 
 
 class ModelLoadError(LightningSafetyError):

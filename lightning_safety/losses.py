@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import abc
 import functools
+import importlib
+import inspect
 import math
 from dataclasses import dataclass
 from typing import Any, Literal, Mapping
@@ -39,6 +41,7 @@ __all__ = [
     "JudgeScoreSchedule",
     "ThresholdRiskSchedule",
     "ConstantBeta",
+    "schedule_from_config",
 ]
 
 Weighting = Literal["convex", "additive"]
@@ -542,6 +545,15 @@ class RiskSchedule(abc.ABC):
     def min_beta(self) -> float:
         """The smallest beta this schedule can output (0 means the reference can be skipped)."""
 
+    def config(self) -> dict[str, Any]:
+        """``{"class_path": ..., "init_args": {...}}``: primitives only, rebuilt by :func:`schedule_from_config`.
+
+        Init arguments are stored as same-named attributes by every schedule.
+        """
+        names = [n for n in inspect.signature(type(self).__init__).parameters if n != "self"]
+        cls = type(self)
+        return {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": {n: getattr(self, n) for n in names}}
+
     def state_dict(self) -> dict[str, Any]:
         """State that must survive a checkpoint resume (empty for stateless schedules)."""
         return {}
@@ -701,3 +713,15 @@ class ConstantBeta(RiskSchedule):
 
     def __repr__(self) -> str:
         return f"ConstantBeta(beta={self.beta})"
+
+
+def schedule_from_config(config: Mapping[str, Any]) -> RiskSchedule:
+    """Rebuild a schedule from :meth:`RiskSchedule.config` (as stored in checkpoint hparams)."""
+    module_name, _, class_name = str(config.get("class_path", "")).rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module_name), class_name)
+    except (ImportError, AttributeError, ValueError):
+        cls = None
+    if not (isinstance(cls, type) and issubclass(cls, RiskSchedule)):
+        raise RiskError(f"unknown risk schedule {config.get('class_path')!r}: use a RiskSchedule subclass")
+    return cls(**config.get("init_args", {}))

@@ -79,6 +79,13 @@ class LoraSettings:
     modules_to_save: list[str] | None = None
     use_rslora: bool = False
 
+    def __post_init__(self) -> None:
+        if int(self.r) < 1 or self.alpha <= 0 or not 0.0 <= self.dropout < 1.0:
+            raise ModelLoadError(
+                f"LoRA settings r={self.r}, alpha={self.alpha}, dropout={self.dropout} are invalid: "
+                "r must be a positive integer, alpha positive, dropout in [0, 1)"
+            )
+
 
 @dataclass(frozen=True)
 class ModelSource:

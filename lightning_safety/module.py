@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Mapping
+from dataclasses import asdict
 from typing import Any, Literal
 
 import lightning as L
@@ -24,7 +25,13 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
 from lightning_safety.errors import LightningSafetyError, ModelLoadError
-from lightning_safety.losses import AdaptiveKLOutput, LinearRiskSchedule, RiskSchedule, adaptive_kl_loss
+from lightning_safety.losses import (
+    AdaptiveKLOutput,
+    LinearRiskSchedule,
+    RiskSchedule,
+    adaptive_kl_loss,
+    schedule_from_config,
+)
 from lightning_safety.models import (
     LoraSettings,
     ReferenceStrategy,
@@ -99,10 +106,15 @@ class SafeFineTuning(L.LightningModule):
         lr_scheduler: LRSchedulerCallable | None = None,
     ) -> None:
         super().__init__()
-        # Callables and estimators (which may hold models) stay out of the checkpoint's hparams;
-        # LightningCLI saves the full config next to the run anyway.
-        unsaved = ["optimizer", "lr_scheduler", "risk"] + (["model"] if isinstance(model, nn.Module) else [])
-        self.save_hyperparameters(ignore=unsaved)
+        if isinstance(lora, Mapping):  # as stored in a checkpoint's hparams
+            lora = LoraSettings(**lora)
+        if isinstance(schedule, Mapping):
+            schedule = schedule_from_config(schedule)
+        # Hyperparameters hold primitives only, so checkpoints load with torch.load(weights_only=True).
+        # Callables and estimators (which may hold models) stay out; LightningCLI saves the full
+        # config next to the run anyway.
+        unsaved = ["optimizer", "lr_scheduler", "risk", "lora", "schedule"]
+        self.save_hyperparameters(ignore=unsaved + (["model"] if isinstance(model, nn.Module) else []))
         self.model_source = model
         self.dtype_name = dtype
         self.lora = lora
@@ -115,6 +127,8 @@ class SafeFineTuning(L.LightningModule):
         self.trust_remote_code = trust_remote_code
         # A private copy: schedules with EMA state must not be shared between modules.
         self.schedule = LinearRiskSchedule() if schedule is None else copy.deepcopy(schedule)
+        self.hparams["lora"] = None if lora is None else asdict(lora)
+        self.hparams["schedule"] = self.schedule.config()
         self.risk_source = self._risk_estimator(risk)
         self.weighting = weighting
         self.direction = direction
@@ -164,6 +178,9 @@ class SafeFineTuning(L.LightningModule):
                 )
         if self.gradient_checkpointing:
             policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # from_pretrained returns eval mode and Lightning keeps each module's mode: the policy
+        # trains (dropout on), the reference stays in eval.
+        policy.train()
         self.policy = policy
         self.reference = reference
 

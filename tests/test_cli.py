@@ -1,0 +1,92 @@
+"""LightningCLI: every config parses, the tiny ones run, bad input is one line and exit code 2."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lightning_safety.cli import main
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((REPO_ROOT / "configs").glob("*.yaml"))
+# Recipes that run in seconds on a CPU (every other config is parsed only).
+RUNNABLE = {"tiny.yaml"}
+
+
+def run_cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "lightning_safety.cli", *args],
+        cwd=REPO_ROOT,
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def test_configs_exist():
+    names = {path.name for path in CONFIGS}
+    assert {"tiny.yaml", "smollm2_lora_adaptive.yaml", "llama3_8b_lora_adaptive.yaml",
+            "qwen2_5_7b_lora_adaptive.yaml", "tiny_ddp.yaml"} <= names
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=[path.name for path in CONFIGS])
+def test_every_config_parses(config, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(config), "--print_config"])
+    assert exit_info.value.code in (0, None)
+    printed = yaml.safe_load(capsys.readouterr().out)
+    original = yaml.safe_load(config.read_text())
+    assert printed["model"]["model"] == original["model"]["model"]
+    for section in ("trainer", "model", "data"):
+        for key, value in original.get(section, {}).items():
+            if not isinstance(value, dict):
+                assert printed[section][key] == value, f"{config.name}: {section}.{key}"
+
+
+@pytest.mark.parametrize("config", sorted(RUNNABLE))
+def test_tiny_config_fits_through_the_cli(config, tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO_ROOT)
+    main(["fit", "--config", f"configs/{config}", "--trainer.default_root_dir", str(tmp_path)])
+
+
+def test_fit_logs_the_loss_terms(tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO_ROOT)
+    main([
+        "fit", "--config", "configs/tiny.yaml", "--trainer.default_root_dir", str(tmp_path),
+        "--trainer.logger=lightning.pytorch.loggers.CSVLogger", f"--trainer.logger.save_dir={tmp_path}",
+    ])
+    metrics = next(tmp_path.rglob("metrics.csv")).read_text().splitlines()[0].split(",")
+    for name in ("train/loss", "train/nll", "train/kl", "train/beta_mean", "train/regularized_fraction",
+                 "train/risk_mean", "val/loss"):
+        assert name in metrics
+
+
+def test_help_is_readable():
+    result = run_cli("fit", "--help")
+    assert result.returncode == 0
+    for option in ("--model.lora", "--model.schedule", "--model.reference", "--data.train", "--data.max_length"):
+        assert option in result.stdout
+
+
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["--model.model", "./no/such/model"], "not found"),
+        (["--model.lora.target_modules", "[c_attn]"], "target modules"),
+        (["--model.schedule.init_args.beta_min", "0.95"], "beta_min"),
+        (["--data.max_length", "20"], "truncated away"),
+    ],
+    ids=["unknown-model", "lora-targets", "beta-order", "truncated-response"],
+)
+def test_bad_input_is_one_line_and_exit_code_2(tmp_path, args, words):
+    result = run_cli("fit", "--config", "configs/tiny.yaml", "--trainer.default_root_dir", str(tmp_path), *args)
+    assert result.returncode == 2, result.stderr[-2000:]
+    error_lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(error_lines) == 1 and words in error_lines[0], result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
