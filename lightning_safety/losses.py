@@ -146,7 +146,10 @@ def adaptive_kl_loss(
         policy_logits: ``[B, T, V]`` logits of the policy, any float dtype.
         reference_logits: ``[R, T, V]`` logits of the reference for the rows in
             ``reference_rows`` (all ``B`` rows when that is None), or None when every beta is 0.
-        labels: ``[B, T]`` integer labels, ``ignore_index`` on prompt and padding tokens.
+        labels: ``[B, T]`` integer labels, ``ignore_index`` on prompt and padding tokens. The
+            logits may cover only the last ``T' < T`` positions (Hugging Face ``logits_to_keep``:
+            no logits for the prompt); the labels are then aligned to those positions, and every
+            response token must still be predicted by a kept position.
         beta: ``[B]`` per-example KL weight in [0, 1], or one float for every row.
         weighting: "convex" (``alpha = 1 - beta``) or "additive" (``alpha = 1``).
         direction: "forward" for ``KL(pi_ref || pi_theta)``, "reverse" for
@@ -170,6 +173,7 @@ def adaptive_kl_loss(
         DataError: the batch has no response tokens, or shapes or label ids are invalid.
         IncompatibleReferenceError: the reference's vocabulary size differs from the policy's.
     """
+    labels = _align_labels(policy_logits, labels, ignore_index)
     batch, seq_len, vocab = _check_logits_and_labels(policy_logits, labels)
     _check_options(weighting, direction, chunk_size)
     device = policy_logits.device
@@ -181,6 +185,23 @@ def adaptive_kl_loss(
         policy_logits, reference_logits, plan, direction, chunk_size
     )
     return _assemble(nll_tok, kl_tok, plan, alpha_t, beta_t)
+
+
+def _align_labels(policy_logits: Tensor, labels: Tensor, ignore_index: int) -> Tensor:
+    """Labels of the last ``T'`` positions when the logits cover only those (``logits_to_keep``)."""
+    if not isinstance(policy_logits, Tensor) or not isinstance(labels, Tensor):
+        return labels
+    if policy_logits.dim() != 3 or labels.dim() != 2 or policy_logits.shape[1] >= labels.shape[1]:
+        return labels
+    kept = policy_logits.shape[1]
+    dropped = labels.shape[1] - kept
+    # The first kept position predicts labels[:, dropped + 1]: labels up to `dropped` are unreachable.
+    if bool((labels[:, : dropped + 1] != ignore_index).any()):
+        raise DataError(
+            f"policy_logits cover the last {kept} of {labels.shape[1]} positions but response tokens "
+            "start earlier: keep logits from one position before the first response token"
+        )
+    return labels[:, dropped:]
 
 
 def _check_logits_and_labels(policy_logits: Tensor, labels: Tensor) -> tuple[int, int, int]:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import importlib.util
+import inspect
 import os
 import re
 from collections.abc import Iterator
@@ -408,6 +409,18 @@ def reference_adapter(policy: nn.Module) -> Iterator[None]:
             parameter.requires_grad_(flags[name])
 
 
+def supports_logits_to_keep(model: nn.Module) -> bool:
+    """Whether the (PEFT-unwrapped) model's forward takes ``logits_to_keep`` (transformers >= 4.50)."""
+    base = model.get_base_model() if is_peft_model(model) else model
+    return "logits_to_keep" in inspect.signature(base.forward).parameters
+
+
+def causal_lm_logits(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None, logits_to_keep: int = 0) -> Tensor:
+    """Logits [B, T', V] of a causal LM; with ``logits_to_keep = k > 0`` only the last k positions."""
+    kwargs = {"logits_to_keep": logits_to_keep} if logits_to_keep else {}
+    return model(input_ids=input_ids, attention_mask=attention_mask, **kwargs).logits
+
+
 @torch.no_grad()
 def reference_logits(
     strategy: str,
@@ -415,12 +428,16 @@ def reference_logits(
     reference: nn.Module | None,
     input_ids: Tensor,
     attention_mask: Tensor | None,
+    logits_to_keep: int = 0,
 ) -> Tensor:
-    """Logits [B, T, V] of the frozen reference for a batch, without gradients or dropout."""
+    """Logits [B, T', V] of the frozen reference for a batch, without gradients or dropout.
+
+    ``logits_to_keep = k > 0`` computes the output layer for the last k positions only (T' = k).
+    """
     if strategy in ("model_copy", "separate"):
         assert reference is not None, "the reference module was not built"
         with eval_mode(reference):
-            return reference(input_ids=input_ids, attention_mask=attention_mask).logits
+            return causal_lm_logits(reference, input_ids, attention_mask, logits_to_keep)
     switch = policy.disable_adapter() if strategy == "adapter_disabled" else reference_adapter(policy)
     with eval_mode(policy), switch:
-        return policy(input_ids=input_ids, attention_mask=attention_mask).logits
+        return causal_lm_logits(policy, input_ids, attention_mask, logits_to_keep)

@@ -37,6 +37,7 @@ from lightning_safety.models import (
     ReferenceStrategy,
     add_reference_adapter,
     apply_lora,
+    causal_lm_logits,
     check_same_vocabulary,
     frozen_copy,
     load_adapter,
@@ -44,6 +45,7 @@ from lightning_safety.models import (
     load_tokenizer,
     reference_logits,
     resolve_reference_strategy,
+    supports_logits_to_keep,
 )
 from lightning_safety.risk.base import ConstantRisk, FieldRisk, RiskEstimator, check_risk
 from lightning_safety.tiny_model import TINY_MODEL_ALIAS
@@ -137,6 +139,7 @@ class SafeFineTuning(L.LightningModule):
         self.lr_scheduler_factory = lr_scheduler
         self.policy: nn.Module | None = None
         self.reference: nn.Module | None = None  # only for model_copy / separate
+        self._keep_logits_supported = False
         self._val_stats: Tensor | None = None
 
     @staticmethod
@@ -183,6 +186,9 @@ class SafeFineTuning(L.LightningModule):
         policy.train()
         self.policy = policy
         self.reference = reference
+        self._keep_logits_supported = supports_logits_to_keep(policy) and (
+            reference is None or supports_logits_to_keep(reference)
+        )
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
@@ -198,9 +204,20 @@ class SafeFineTuning(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # ------------------------------------------------------------------ the step
-    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
-        """Policy logits [B, T, V]."""
-        return self.policy(input_ids=input_ids, attention_mask=attention_mask).logits
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, logits_to_keep: int = 0) -> Tensor:
+        """Policy logits [B, T, V] (the last ``logits_to_keep`` positions only when > 0)."""
+        return causal_lm_logits(self.policy, input_ids, attention_mask, logits_to_keep)
+
+    def _logits_to_keep(self, labels: Tensor) -> int:
+        """Positions from one before the earliest response token on: the output layer (a [T, V]
+        matmul per row) and the logits' memory are not spent on prompt positions."""
+        if not self._keep_logits_supported:
+            return 0
+        is_response = labels != -100
+        if not bool(is_response.any()):
+            return 0
+        first = int(torch.where(is_response.any(dim=1), is_response.int().argmax(dim=1), labels.shape[1]).min())
+        return labels.shape[1] - max(first - 1, 0)
 
     def risk_for(self, batch: Mapping[str, Any]) -> Tensor:
         """Validated per-example risk [B] in [0, 1] for a batch (fails closed on bad scores)."""
@@ -219,15 +236,20 @@ class SafeFineTuning(L.LightningModule):
         input_ids, attention_mask = batch["input_ids"], batch.get("attention_mask")
         risk = self.risk_for(batch)
         beta = self.schedule(risk, update=update_schedule).to(input_ids.device)
+        keep = self._logits_to_keep(batch["labels"])
         rows = torch.nonzero(beta > 0).squeeze(1)
         ref_logits, ref_rows = None, None
-        if rows.numel() == beta.numel():
-            ref_logits = reference_logits(self.reference_strategy, self.policy, self.reference, input_ids, attention_mask)
-        elif rows.numel() > 0:
-            ref_rows = rows
-            mask = attention_mask[rows] if attention_mask is not None else None
-            ref_logits = reference_logits(self.reference_strategy, self.policy, self.reference, input_ids[rows], mask)
-        policy_logits = self(input_ids, attention_mask)
+        if rows.numel() > 0:
+            if rows.numel() < beta.numel():
+                ref_rows = rows
+                input_ids_ref = input_ids[rows]
+                mask_ref = attention_mask[rows] if attention_mask is not None else None
+            else:
+                input_ids_ref, mask_ref = input_ids, attention_mask
+            ref_logits = reference_logits(
+                self.reference_strategy, self.policy, self.reference, input_ids_ref, mask_ref, logits_to_keep=keep
+            )
+        policy_logits = self(input_ids, attention_mask, logits_to_keep=keep)
         out = adaptive_kl_loss(
             policy_logits,
             ref_logits,

@@ -298,7 +298,7 @@ def test_beta_without_reference_raises():
 @pytest.mark.parametrize(
     "kwargs,error,match",
     [
-        ({"labels": torch.zeros(B, T + 1, dtype=torch.long)}, DataError, "labels shape"),
+        ({"labels": torch.zeros(B, T - 1, dtype=torch.long)}, DataError, "labels shape"),
         ({"labels": torch.zeros(B, T)}, DataError, "integer"),
         ({"policy_logits": torch.zeros(B, T)}, DataError, r"\[B, T, V\]"),
         ({"reference_logits": torch.zeros(B, T, V + 1)}, IncompatibleReferenceError, "vocabulary"),
@@ -491,3 +491,20 @@ def test_schedule_output_feeds_the_loss():
     beta = JudgeScoreSchedule()(torch.tensor([0.0, 0.5, 1.0]))
     out = adaptive_kl_loss(policy, reference, labels, beta)
     assert torch.isfinite(out.loss)
+
+
+def test_logits_of_the_last_positions_only_give_the_same_loss_and_gradient():
+    torch.manual_seed(0)
+    logits = torch.randn(3, 9, 13, dtype=torch.float64, requires_grad=True)
+    ref = torch.randn(3, 9, 13, dtype=torch.float64)
+    labels = torch.randint(0, 13, (3, 9))
+    labels[:, :4] = -100  # prompt: the first response label is at position 4, predicted by position 3
+    beta = torch.tensor([0.2, 0.5, 0.9])
+    full = adaptive_kl_loss(logits, ref, labels, beta)
+    (grad_full,) = torch.autograd.grad(full.loss, logits)
+    kept = adaptive_kl_loss(logits[:, 3:], ref[:, 3:], labels, beta)
+    (grad_kept,) = torch.autograd.grad(kept.loss, logits)
+    torch.testing.assert_close(kept.loss, full.loss)
+    torch.testing.assert_close(grad_kept, grad_full)
+    with pytest.raises(DataError, match="start earlier"):
+        adaptive_kl_loss(logits[:, 4:], ref[:, 4:], labels, beta)

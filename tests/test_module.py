@@ -130,12 +130,23 @@ def count_reference_calls(monkeypatch) -> list[int]:
     rows: list[int] = []
     original = module_lib.reference_logits
 
-    def counting(strategy, policy, reference, input_ids, attention_mask):
+    def counting(strategy, policy, reference, input_ids, attention_mask, **kwargs):
         rows.append(input_ids.shape[0])
-        return original(strategy, policy, reference, input_ids, attention_mask)
+        return original(strategy, policy, reference, input_ids, attention_mask, **kwargs)
 
     monkeypatch.setattr(module_lib, "reference_logits", counting)
     return rows
+
+
+def test_prompt_positions_get_no_logits_and_the_loss_is_unchanged(tiny_model_dir):
+    module = build(tiny_model_dir, schedule=LinearRiskSchedule())
+    batch = make_batch(risk=[0.0, 0.3, 0.7, 1.0], prompt=5)
+    assert module._logits_to_keep(batch["labels"]) == 12 - 4  # from one position before the response
+    out, _, _ = module.compute_loss(batch, update_schedule=False)
+    module._keep_logits_supported = False
+    full, _, _ = module.compute_loss(batch, update_schedule=False)
+    torch.testing.assert_close(out.loss, full.loss, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(out.kl_per_example, full.kl_per_example, rtol=1e-5, atol=1e-7)
 
 
 def test_beta_zero_is_plain_sft_and_never_calls_the_reference(tiny_model_dir, monkeypatch):
