@@ -428,7 +428,11 @@ def run_memory(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     results: dict[str, dict[str, Any]] = {}
     for config in TRAIN_CONFIGS:
         print(f"[overhead] memory: {config} in a fresh process", file=sys.stderr, flush=True)
-        done = subprocess.run(worker_argv(args, config), capture_output=True, text=True, check=False)
+        # glibc serves allocations below its (adaptive, up to 32 MiB) mmap threshold from the heap
+        # and keeps freed heap pages, so RSS would also count memory that is free again. A fixed
+        # 64 KiB threshold sends every tensor-sized block to mmap: RSS then follows live memory.
+        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": os.environ.get("MALLOC_MMAP_THRESHOLD_", "65536")}
+        done = subprocess.run(worker_argv(args, config), capture_output=True, text=True, check=False, env=env)
         lines = [line for line in done.stdout.splitlines() if line.startswith(_RESULT_PREFIX)]
         if done.returncode != 0 or not lines:
             sys.stderr.write(done.stderr[-4000:])
@@ -593,8 +597,9 @@ def render(
                 "reports) after every weight was read once (the safetensors weights are memory-mapped and "
                 "only become resident when touched) and the mark was reset to the RSS then "
                 "(`/proc/self/clear_refs`), so model loading does not count; baseline = RSS then (`VmRSS`: "
-                "weights, batch; AdamW state is created in the first step). RSS includes pages the "
-                "allocator keeps cached, so differences of a few MiB are noise"
+                "weights, batch; AdamW state is created in the first step). The workers run with "
+                f"`MALLOC_MMAP_THRESHOLD_={os.environ.get('MALLOC_MMAP_THRESHOLD_', '65536')}`, so that freed "
+                "tensor memory leaves the process and RSS follows live memory; differences of a few MiB are noise"
             )
         else:
             measure = (

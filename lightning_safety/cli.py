@@ -32,10 +32,10 @@ class SafetyCLI(LightningCLI):
         parser.link_arguments("model.model", "data.tokenizer")
 
 
-def main(args: Sequence[str] | None = None) -> None:
-    """Console entry point."""
+def main(args: Sequence[str] | None = None) -> SafetyCLI:
+    """Console entry point; returns the CLI (its ``trainer`` and ``model``) when called from Python."""
     try:
-        SafetyCLI(
+        return SafetyCLI(
             SafeFineTuning,
             ChatSFTDataModule,
             args=list(args) if args is not None else None,

@@ -140,7 +140,7 @@ class SafeFineTuning(L.LightningModule):
         self.policy: nn.Module | None = None
         self.reference: nn.Module | None = None  # only for model_copy / separate
         self._keep_logits_supported = False
-        self._val_stats: Tensor | None = None
+        self._eval_stats: Tensor | None = None
 
     @staticmethod
     def _risk_estimator(risk: RiskEstimator | float | None) -> RiskEstimator:
@@ -310,28 +310,37 @@ class SafeFineTuning(L.LightningModule):
             self.log(f"train/{name}", value, batch_size=batch_size)
         return loss
 
-    def on_validation_epoch_start(self) -> None:
-        self._val_stats = None
-
-    def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
+    def _accumulate_eval(self, batch: Mapping[str, Any]) -> None:
         out, risk, beta = self.compute_loss(batch, update_schedule=False)
         stats = self._local_stats(out, risk, beta)
-        self._val_stats = stats if self._val_stats is None else self._val_stats + stats
+        self._eval_stats = stats if self._eval_stats is None else self._eval_stats + stats
+
+    def _log_eval(self, prefix: str) -> None:
+        """Token-weighted means over the whole evaluation set and every process."""
+        if self._eval_stats is None:
+            return
+        summary = self._summary(self._global_sum(self._eval_stats))
+        for name, value in summary.items():
+            self.log(f"{prefix}/{name}", value, prog_bar=name == "loss")
+        self._eval_stats = None
+
+    def on_validation_epoch_start(self) -> None:
+        self._eval_stats = None
+
+    def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
+        self._accumulate_eval(batch)
 
     def on_validation_epoch_end(self) -> None:
-        if self._val_stats is None:
-            return
-        summary = self._summary(self._global_sum(self._val_stats))
-        for name, value in summary.items():
-            self.log(f"val/{name}", value, prog_bar=name == "loss")
-        self._val_stats = None
+        self._log_eval("val")
+
+    def on_test_epoch_start(self) -> None:
+        self._eval_stats = None
 
     def test_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
-        out, risk, beta = self.compute_loss(batch, update_schedule=False)
-        size = int(beta.numel())
-        self.log("test/loss", out.loss, batch_size=size, sync_dist=True)
-        self.log("test/nll", out.nll, batch_size=size, sync_dist=True)
-        self.log("test/kl", out.kl, batch_size=size, sync_dist=True)
+        self._accumulate_eval(batch)
+
+    def on_test_epoch_end(self) -> None:
+        self._log_eval("test")
 
     def predict_step(self, batch: Mapping[str, Any], batch_idx: int) -> dict[str, Any]:
         """Per-example risk, beta, NLL and KL to the reference (for auditing a dataset)."""

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from lightning_safety.cli import main
@@ -90,3 +91,16 @@ def test_bad_input_is_one_line_and_exit_code_2(tmp_path, args, words):
     error_lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(error_lines) == 1 and words in error_lines[0], result.stderr[-2000:]
     assert "Traceback" not in result.stderr
+
+
+def test_validate_test_and_predict_run_on_the_tiny_recipe(tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO_ROOT)
+    common = ["--config", "configs/tiny.yaml", "--trainer.default_root_dir", str(tmp_path)]
+    validated = main(["validate", *common]).trainer.callback_metrics
+    assert {"val/loss", "val/nll", "val/kl", "val/beta_mean"} <= set(validated)
+    assert abs(float(validated["val/kl"])) < 1e-6  # an untrained policy equals its reference
+    tested = main(["test", *common]).trainer.callback_metrics
+    assert torch.isclose(tested["test/loss"], validated["val/loss"], atol=1e-5)  # test = the validation rows
+    cli = main(["predict", *common, "--return_predictions", "true"])
+    rows = [row for batch in cli.trainer.predict_loop.predictions for row in zip(batch["id"], batch["risk"].tolist())]
+    assert len(rows) == len(cli.datamodule.train_ids) and {i for i, _ in rows} == set(cli.datamodule.train_ids)

@@ -218,3 +218,21 @@ def test_separate_reference_with_the_same_model_matches_the_policy(tiny_model_di
     assert module.reference_strategy == "separate"
     policy, ref = policy_and_reference_logprobs(module, make_batch())
     torch.testing.assert_close(policy, ref, rtol=0, atol=1e-6)
+
+
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tiny_model_dir):
+    batch = make_batch(risk=[0.0, 0.4, 0.8, 1.0])
+    results = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)  # the same LoRA initialisation
+        module = build(tiny_model_dir, lora=LoraSettings(r=4, dropout=0.0), gradient_checkpointing=checkpointing)
+        assert module.policy.is_gradient_checkpointing == checkpointing
+        out, _, _ = module.compute_loss(batch, update_schedule=False)
+        out.loss.backward()
+        grads = {n: p.grad.clone() for n, p in module.named_parameters() if p.requires_grad}
+        results.append((out.loss.detach(), grads))
+    (loss_plain, grads_plain), (loss_ckpt, grads_ckpt) = results
+    torch.testing.assert_close(loss_ckpt, loss_plain)
+    assert grads_plain.keys() == grads_ckpt.keys() and any(g.abs().sum() > 0 for g in grads_plain.values())
+    for name in grads_plain:
+        torch.testing.assert_close(grads_ckpt[name], grads_plain[name], rtol=1e-5, atol=1e-7)

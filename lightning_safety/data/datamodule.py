@@ -277,3 +277,22 @@ class ChatSFTDataModule(LightningDataModule):
             num_workers=self.num_workers,
         )
 
+
+    def test_dataloader(self) -> DataLoader | list[DataLoader]:
+        """The validation data, in order (``lightning-safety test`` reports loss terms on it)."""
+        return self.val_dataloader()
+
+    def predict_dataloader(self) -> DataLoader:
+        """The training data in order, unshuffled: ``predict`` audits per-example risk, beta, NLL, KL."""
+        self.setup()
+        if self.train_dataset is None:
+            raise DataError("no training data to predict on: set data.train")
+        replicas, rank = self._world()
+        return build_eval_loader(
+            self.train_dataset,
+            batch_size=self.eval_batch_size,
+            collate_fn=self.collator,
+            num_replicas=replicas,
+            rank=rank,
+            num_workers=self.num_workers,
+        )
