@@ -220,6 +220,7 @@ def train_step(setup: Setup, config: str) -> None:
 
 def reference_forward(setup: Setup, rows: Tensor | None) -> None:
     """The frozen reference's forward alone (no_grad, adapter off), on all rows or ``rows``."""
+    from lightning_safety.losses import ProjectedLogits
     from lightning_safety.models import reference_logits
 
     batch = setup.batches["sft"]
@@ -228,7 +229,17 @@ def reference_forward(setup: Setup, rows: Tensor | None) -> None:
         input_ids, attention_mask = input_ids[rows], attention_mask[rows]
     module = setup.module
     keep = module._logits_to_keep(batch["labels"])  # the same output-layer positions the step uses
-    reference_logits(module.reference_strategy, module.policy, module.reference, input_ids, attention_mask, logits_to_keep=keep)
+    logits = reference_logits(
+        module.reference_strategy,
+        module.policy,
+        module.reference,
+        input_ids,
+        attention_mask,
+        logits_to_keep=keep,
+        projection=module._reference_projection(input_ids),
+    )
+    if isinstance(logits, ProjectedLogits):  # the step projects per chunk; the cost is the same
+        logits.materialize()
 
 
 def timing_actions(setup: Setup) -> dict[str, Callable[[], None]]:

@@ -19,7 +19,7 @@ import importlib
 import inspect
 import math
 from dataclasses import dataclass
-from typing import Any, Literal, Mapping
+from typing import Any, Callable, Literal, Mapping
 
 import torch
 from torch import Tensor
@@ -35,6 +35,7 @@ from lightning_safety.errors import (
 __all__ = [
     "AdaptiveKLOutput",
     "adaptive_kl_loss",
+    "ProjectedLogits",
     "validate_risk",
     "RiskSchedule",
     "LinearRiskSchedule",
@@ -107,9 +108,60 @@ class _TokenPlan:
         return int(self.ref_rows.shape[0])
 
 
+class ProjectedLogits:
+    """Logits ``[R, T, V]`` held as final hidden states ``[R, T, H]`` plus the output layer.
+
+    Indexing (``logits[rows, positions]``) applies the output layer to the selected hidden states
+    only, so the loss, which asks for one chunk of response tokens at a time, never materialises
+    a float32 ``[R, T, V]`` tensor for the reference: with ``chunk_size`` the reference costs one
+    ``[chunk, V]`` block, like the policy's own temporaries. Give it only frozen, gradient-free
+    parts (the reference's hidden states computed under ``no_grad`` and a frozen output layer
+    that has no post-processing such as logit soft-capping).
+
+    Args:
+        hidden: ``[R, T, H]`` final hidden states (after the final norm).
+        output_layer: maps ``[..., H]`` to ``[..., V]`` logits (the model's ``lm_head``).
+        vocab_size: ``V``.
+    """
+
+    def __init__(self, hidden: Tensor, output_layer: Callable[[Tensor], Tensor], vocab_size: int) -> None:
+        self.hidden = hidden.detach()
+        self.output_layer = output_layer
+        self.vocab_size = int(vocab_size)
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((*self.hidden.shape[:2], self.vocab_size))
+
+    @property
+    def device(self) -> torch.device:
+        return self.hidden.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.hidden.dtype
+
+    def dim(self) -> int:
+        return 3
+
+    def is_floating_point(self) -> bool:
+        return True
+
+    def detach(self) -> "ProjectedLogits":
+        return self
+
+    def __getitem__(self, index: Any) -> Tensor:
+        with torch.no_grad():
+            return self.output_layer(self.hidden[index])
+
+    def materialize(self) -> Tensor:
+        """The full ``[R, T, V]`` logits (for tests and small inputs)."""
+        return self[:, :]
+
+
 def adaptive_kl_loss(
     policy_logits: Tensor,
-    reference_logits: Tensor | None,
+    reference_logits: Tensor | ProjectedLogits | None,
     labels: Tensor,
     beta: Tensor | float,
     *,
@@ -145,7 +197,8 @@ def adaptive_kl_loss(
     Args:
         policy_logits: ``[B, T, V]`` logits of the policy, any float dtype.
         reference_logits: ``[R, T, V]`` logits of the reference for the rows in
-            ``reference_rows`` (all ``B`` rows when that is None), or None when every beta is 0.
+            ``reference_rows`` (all ``B`` rows when that is None), or None when every beta is 0;
+            or :class:`ProjectedLogits` (hidden states + output layer), projected per chunk.
         labels: ``[B, T]`` integer labels, ``ignore_index`` on prompt and padding tokens. The
             logits may cover only the last ``T' < T`` positions (Hugging Face ``logits_to_keep``:
             no logits for the prompt); the labels are then aligned to those positions, and every
@@ -273,7 +326,7 @@ def _count_bad(values: Tensor) -> tuple[int, int]:
 
 
 def _reference_index(
-    reference_logits: Tensor | None,
+    reference_logits: Tensor | ProjectedLogits | None,
     reference_rows: Tensor | None,
     beta: Tensor,
     seq_len: int,
@@ -382,7 +435,7 @@ def _plan_tokens(labels: Tensor, ref_index: Tensor, ignore_index: int, vocab: in
 def _token_losses(
     policy: Tensor,
     targets: Tensor,
-    reference_logits: Tensor | None,
+    reference_logits: Tensor | ProjectedLogits | None,
     ref_rows: Tensor,
     ref_positions: Tensor,
     direction: Direction,
@@ -418,7 +471,7 @@ def _token_losses(
 
 def _token_losses_chunked(
     policy_logits: Tensor,
-    reference_logits: Tensor | None,
+    reference_logits: Tensor | ProjectedLogits | None,
     plan: _TokenPlan,
     direction: Direction,
     chunk_size: int | None,

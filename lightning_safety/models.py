@@ -37,6 +37,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_safety.errors import IncompatibleReferenceError, ModelLoadError
+from lightning_safety.losses import ProjectedLogits
 from lightning_safety.paths import atomic_directory, cache_root
 from lightning_safety.tiny_model import TINY_MODEL_ALIAS, tiny_model_folder
 
@@ -421,6 +422,39 @@ def causal_lm_logits(model: nn.Module, input_ids: Tensor, attention_mask: Tensor
     return model(input_ids=input_ids, attention_mask=attention_mask, **kwargs).logits
 
 
+def late_projection_parts(strategy: str, policy: nn.Module, reference: nn.Module | None) -> tuple[nn.Module, nn.Module] | None:
+    """The reference's decoder (final hidden states) and frozen output layer, if it has them.
+
+    With these the reference's logits can be projected chunk by chunk inside the loss
+    (:class:`~lightning_safety.losses.ProjectedLogits`) instead of as one ``[B, T, V]`` tensor.
+    None when the output layer is trainable or adapted (it would not be the reference's), or the
+    model does not expose the usual ``base_model_prefix`` decoder. Models that post-process
+    logits (soft-capping, scaling) are caught by :func:`late_projection_matches`.
+    """
+    model = reference if strategy in ("model_copy", "separate") else policy
+    if model is None:
+        return None
+    causal = model.get_base_model() if is_peft_model(model) else model
+    prefix = getattr(causal, "base_model_prefix", "")
+    decoder = getattr(causal, prefix, None) if prefix else None
+    head = causal.get_output_embeddings() if hasattr(causal, "get_output_embeddings") else None
+    if not isinstance(decoder, nn.Module) or decoder is causal or type(head) is not nn.Linear:
+        return None
+    if any(p.requires_grad for p in head.parameters()):
+        return None
+    return decoder, head
+
+
+def late_projection_matches(
+    strategy: str, policy: nn.Module, reference: nn.Module | None, parts: tuple[nn.Module, nn.Module], input_ids: Tensor
+) -> bool:
+    """Check on a few real tokens that decoder + output layer reproduce the model's own logits."""
+    full = reference_logits(strategy, policy, reference, input_ids, None)
+    projected = reference_logits(strategy, policy, reference, input_ids, None, projection=parts).materialize()
+    scale = float(full.abs().max().clamp(min=1.0))
+    return full.shape == projected.shape and bool(torch.allclose(full.float(), projected.float(), rtol=1e-3, atol=1e-4 * scale))
+
+
 @torch.no_grad()
 def reference_logits(
     strategy: str,
@@ -429,15 +463,27 @@ def reference_logits(
     input_ids: Tensor,
     attention_mask: Tensor | None,
     logits_to_keep: int = 0,
-) -> Tensor:
+    projection: tuple[nn.Module, nn.Module] | None = None,
+) -> Tensor | ProjectedLogits:
     """Logits [B, T', V] of the frozen reference for a batch, without gradients or dropout.
 
     ``logits_to_keep = k > 0`` computes the output layer for the last k positions only (T' = k).
+    With ``projection = (decoder, output_layer)`` (see :func:`late_projection_parts`) only the
+    final hidden states are computed here, and the output layer is applied chunk by chunk later.
     """
     if strategy in ("model_copy", "separate"):
         assert reference is not None, "the reference module was not built"
-        with eval_mode(reference):
-            return causal_lm_logits(reference, input_ids, attention_mask, logits_to_keep)
-    switch = policy.disable_adapter() if strategy == "adapter_disabled" else reference_adapter(policy)
-    with eval_mode(policy), switch:
-        return causal_lm_logits(policy, input_ids, attention_mask, logits_to_keep)
+        mode, switch = eval_mode(reference), contextlib.nullcontext()
+        model = reference
+    else:
+        mode = eval_mode(policy)
+        switch = policy.disable_adapter() if strategy == "adapter_disabled" else reference_adapter(policy)
+        model = policy
+    with mode, switch:
+        if projection is None:
+            return causal_lm_logits(model, input_ids, attention_mask, logits_to_keep)
+        decoder, output_layer = projection
+        hidden = decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    if logits_to_keep:
+        hidden = hidden[:, -logits_to_keep:]
+    return ProjectedLogits(hidden, output_layer, output_layer.out_features)

@@ -40,6 +40,8 @@ from lightning_safety.models import (
     causal_lm_logits,
     check_same_vocabulary,
     frozen_copy,
+    late_projection_matches,
+    late_projection_parts,
     load_adapter,
     load_causal_lm,
     load_tokenizer,
@@ -51,6 +53,7 @@ from lightning_safety.risk.base import ConstantRisk, FieldRisk, RiskEstimator, c
 from lightning_safety.tiny_model import TINY_MODEL_ALIAS
 
 _CHECKPOINT_KEY = "lightning_safety"
+_UNCHECKED = object()
 # Order of the per-step statistics reduced across processes in one all-reduce.
 _STATS = ("tokens", "loss_sum", "nll_sum", "kl_sum", "kl_tokens", "beta_sum", "regularized", "risk_sum", "rows")
 
@@ -140,6 +143,7 @@ class SafeFineTuning(L.LightningModule):
         self.policy: nn.Module | None = None
         self.reference: nn.Module | None = None  # only for model_copy / separate
         self._keep_logits_supported = False
+        self._projection: Any = _UNCHECKED
         self._eval_stats: Tensor | None = None
 
     @staticmethod
@@ -219,6 +223,19 @@ class SafeFineTuning(L.LightningModule):
         first = int(torch.where(is_response.any(dim=1), is_response.int().argmax(dim=1), labels.shape[1]).min())
         return labels.shape[1] - max(first - 1, 0)
 
+    def _reference_projection(self, input_ids: Tensor) -> tuple[nn.Module, nn.Module] | None:
+        """Decoder and output layer of the reference when its logits can be projected per chunk
+        in the loss (no [B, T, V] reference logits); checked once, on the first batch's tokens."""
+        if self._projection is _UNCHECKED:
+            parts = late_projection_parts(self.reference_strategy, self.policy, self.reference)
+            probe = input_ids[:1, :16]
+            if parts is not None and not late_projection_matches(
+                self.reference_strategy, self.policy, self.reference, parts, probe
+            ):
+                parts = None
+            self._projection = parts
+        return self._projection
+
     def risk_for(self, batch: Mapping[str, Any]) -> Tensor:
         """Validated per-example risk [B] in [0, 1] for a batch (fails closed on bad scores)."""
         batch_size = batch["input_ids"].shape[0]
@@ -247,7 +264,13 @@ class SafeFineTuning(L.LightningModule):
             else:
                 input_ids_ref, mask_ref = input_ids, attention_mask
             ref_logits = reference_logits(
-                self.reference_strategy, self.policy, self.reference, input_ids_ref, mask_ref, logits_to_keep=keep
+                self.reference_strategy,
+                self.policy,
+                self.reference,
+                input_ids_ref,
+                mask_ref,
+                logits_to_keep=keep,
+                projection=self._reference_projection(input_ids),
             )
         policy_logits = self(input_ids, attention_mask, logits_to_keep=keep)
         out = adaptive_kl_loss(

@@ -508,3 +508,27 @@ def test_logits_of_the_last_positions_only_give_the_same_loss_and_gradient():
     torch.testing.assert_close(grad_kept, grad_full)
     with pytest.raises(DataError, match="start earlier"):
         adaptive_kl_loss(logits[:, 4:], ref[:, 4:], labels, beta)
+
+
+@pytest.mark.parametrize("chunk_size", [None, 4])
+def test_projected_reference_logits_equal_materialised_ones(chunk_size):
+    from lightning_safety.losses import ProjectedLogits
+
+    torch.manual_seed(1)
+    head = torch.nn.Linear(6, 13, bias=False).requires_grad_(False)
+    hidden = torch.randn(2, 9, 6)
+    projected = ProjectedLogits(hidden, head, vocab_size=13)
+    assert projected.shape == (2, 9, 13)
+    logits = torch.randn(3, 9, 13, requires_grad=True)
+    labels = torch.randint(0, 13, (3, 9))
+    labels[:, :3] = -100
+    beta = torch.tensor([0.5, 0.0, 0.9])
+    rows = torch.tensor([0, 2])
+    lazy = adaptive_kl_loss(logits, projected, labels, beta, reference_rows=rows, chunk_size=chunk_size)
+    (grad_lazy,) = torch.autograd.grad(lazy.loss, logits)
+    full = adaptive_kl_loss(logits, projected.materialize(), labels, beta, reference_rows=rows, chunk_size=chunk_size)
+    (grad_full,) = torch.autograd.grad(full.loss, logits)
+    torch.testing.assert_close(lazy.loss, full.loss)
+    torch.testing.assert_close(lazy.kl_per_example, full.kl_per_example)
+    torch.testing.assert_close(grad_lazy, grad_full)
+    assert lazy.kl > 0

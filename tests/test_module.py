@@ -236,3 +236,36 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tiny_model_dir
     assert grads_plain.keys() == grads_ckpt.keys() and any(g.abs().sum() > 0 for g in grads_plain.values())
     for name in grads_plain:
         torch.testing.assert_close(grads_ckpt[name], grads_plain[name], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"lora": LoraSettings(r=4, dropout=0.0)}, {"reference": "model_copy"}],
+    ids=["adapter_disabled", "model_copy"],
+)
+def test_reference_logits_are_projected_per_chunk_with_the_same_result(tiny_model_dir, kwargs):
+    module = build(tiny_model_dir, chunk_size=8, optimizer=lambda p: torch.optim.SGD(p, lr=0.5), **kwargs)
+    batch = make_batch(risk=[0.0, 0.4, 0.8, 1.0])
+    one_step(module, batch)  # so that policy and reference differ
+    out, _, _ = module.compute_loss(batch, update_schedule=False)
+    assert module._projection is not None, "a plain Llama head should be projected late"
+    module._projection = None  # the materialised [B, T, V] reference logits
+    full, _, _ = module.compute_loss(batch, update_schedule=False)
+    assert full.kl > 0
+    torch.testing.assert_close(out.loss, full.loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.kl_per_example, full.kl_per_example, rtol=1e-4, atol=1e-6)
+
+
+def test_a_reference_that_post_processes_its_logits_is_not_projected_late(tiny_model_dir):
+    module = build(tiny_model_dir, reference="model_copy")
+    original = module.reference.forward
+
+    def soft_capped(*args, **kwargs):  # like Gemma-2's final logit soft-capping
+        output = original(*args, **kwargs)
+        output.logits = 5.0 * torch.tanh(output.logits / 5.0)
+        return output
+
+    module.reference.forward = soft_capped
+    out, _, _ = module.compute_loss(make_batch(risk=[1.0, 1.0, 1.0, 1.0]), update_schedule=False)
+    assert module._projection is None
+    assert torch.isfinite(out.loss)
