@@ -26,7 +26,6 @@ import contextlib
 import copy
 import importlib.util
 import inspect
-import os
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -177,7 +176,7 @@ def resolve_model_source(name_or_path: str) -> ModelSource:
             f"model folder {name} has no config.json (and not exactly one .gguf file): "
             "point at a folder saved with save_pretrained, or at the .gguf file itself"
         )
-    looks_like_path = name.startswith((".", "/", "~")) or os.sep + os.sep in name or name.count("/") > 1
+    looks_like_path = name.startswith((".", "/", "~")) or name.count("/") > 1
     if looks_like_path or not _HUB_ID.match(name):
         raise ModelLoadError(
             f"model '{name}' not found: no such file or folder, and not a hub id; pass a local "

@@ -120,7 +120,9 @@ class SafeFineTuning(L.LightningModule):
         # config next to the run anyway.
         unsaved = ["optimizer", "lr_scheduler", "risk", "lora", "schedule"]
         self.save_hyperparameters(ignore=unsaved + (["model"] if isinstance(model, nn.Module) else []))
-        self.model_source = model
+        # A given model object is registered once, as `policy`, in configure_model (storing it as
+        # an attribute now would register it twice and put its weights twice in checkpoints).
+        object.__setattr__(self, "model_source", model)
         self.dtype_name = dtype
         self.lora = lora
         self.adapter = adapter
@@ -239,9 +241,9 @@ class SafeFineTuning(L.LightningModule):
     def risk_for(self, batch: Mapping[str, Any]) -> Tensor:
         """Validated per-example risk [B] in [0, 1] for a batch (fails closed on bad scores)."""
         batch_size = batch["input_ids"].shape[0]
-        if not getattr(self.schedule, "uses_risk", True) and not isinstance(self.risk_source, ConstantRisk):
-            if "risk" not in batch:  # a constant-beta schedule does not look at risk
-                return torch.zeros(batch_size, device=batch["input_ids"].device)
+        if not self.schedule.uses_risk and "risk" not in batch:
+            # beta ignores risk (ConstantBeta): no estimator call, no risk field needed.
+            return torch.zeros(batch_size, device=batch["input_ids"].device)
         risk = self.risk_source(batch, self.policy)
         return check_risk(risk, batch_size, source=type(self.risk_source).__name__)
 

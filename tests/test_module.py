@@ -269,3 +269,14 @@ def test_a_reference_that_post_processes_its_logits_is_not_projected_late(tiny_m
     out, _, _ = module.compute_loss(make_batch(risk=[1.0, 1.0, 1.0, 1.0]), update_schedule=False)
     assert module._projection is None
     assert torch.isfinite(out.loss)
+
+
+def test_a_model_object_is_registered_once(tiny_model_dir):
+    model = build_tiny_llama()
+    module = SafeFineTuning(model, reference="model_copy")
+    assert list(module.state_dict()) == []  # nothing registered before configure_model
+    module.configure_model()
+    assert module.policy is model
+    keys = list(module.state_dict())
+    assert keys and all(key.startswith(("policy.", "reference.")) for key in keys)
+    assert sum(key.startswith("policy.") for key in keys) == len(model.state_dict())
