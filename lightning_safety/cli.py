@@ -32,8 +32,13 @@ class SafetyCLI(LightningCLI):
         parser.link_arguments("model.model", "data.tokenizer")
 
 
-def main(args: Sequence[str] | None = None) -> SafetyCLI:
-    """Console entry point; returns the CLI (its ``trainer`` and ``model``) when called from Python."""
+def main(args: Sequence[str] | None = None) -> None:
+    """Console entry point (``lightning-safety``)."""
+    run_cli(args)
+
+
+def run_cli(args: Sequence[str] | None = None) -> SafetyCLI:
+    """Run the CLI from Python and return it (its ``trainer``, ``model`` and ``datamodule``)."""
     try:
         return SafetyCLI(
             SafeFineTuning,

@@ -15,6 +15,7 @@ gradients as one process on the concatenated batch, and the logged loss is the g
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Mapping
 from dataclasses import asdict
 from typing import Any, Literal
@@ -188,8 +189,10 @@ class SafeFineTuning(L.LightningModule):
         if self.gradient_checkpointing:
             policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         # from_pretrained returns eval mode and Lightning keeps each module's mode: the policy
-        # trains (dropout on), the reference stays in eval.
+        # trains (dropout on), the reference stays in eval, on purpose (Lightning would warn).
         policy.train()
+        if reference is not None:
+            warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
         self.policy = policy
         self.reference = reference
         self._keep_logits_supported = supports_logits_to_keep(policy) and (

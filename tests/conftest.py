@@ -34,3 +34,11 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"public data folder {SHARED_DATA} not found (it sits beside the repository)")
     return SHARED_DATA
+
+
+@pytest.fixture(autouse=True)
+def _plain_argv(monkeypatch):
+    """LightningCLI reads sys.argv when given no args; keep pytest's own flags out of its way."""
+    import sys
+
+    monkeypatch.setattr(sys, "argv", [sys.argv[0]])

@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-from lightning_safety.cli import main
+from lightning_safety.cli import run_cli
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO_ROOT / "configs").glob("*.yaml"))
@@ -19,7 +19,7 @@ CONFIGS = sorted((REPO_ROOT / "configs").glob("*.yaml"))
 RUNNABLE = {"tiny.yaml"}
 
 
-def run_cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+def run_console(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "lightning_safety.cli", *args],
         cwd=REPO_ROOT,
@@ -39,7 +39,7 @@ def test_configs_exist():
 @pytest.mark.parametrize("config", CONFIGS, ids=[path.name for path in CONFIGS])
 def test_every_config_parses(config, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        main(["fit", "--config", str(config), "--print_config"])
+        run_cli(["fit", "--config", str(config), "--print_config"])
     assert exit_info.value.code in (0, None)
     printed = yaml.safe_load(capsys.readouterr().out)
     original = yaml.safe_load(config.read_text())
@@ -53,12 +53,12 @@ def test_every_config_parses(config, capsys):
 @pytest.mark.parametrize("config", sorted(RUNNABLE))
 def test_tiny_config_fits_through_the_cli(config, tmp_path, monkeypatch):
     monkeypatch.chdir(REPO_ROOT)
-    main(["fit", "--config", f"configs/{config}", "--trainer.default_root_dir", str(tmp_path)])
+    run_cli(["fit", "--config", f"configs/{config}", "--trainer.default_root_dir", str(tmp_path)])
 
 
 def test_fit_logs_the_loss_terms(tmp_path, monkeypatch):
     monkeypatch.chdir(REPO_ROOT)
-    main([
+    run_cli([
         "fit", "--config", "configs/tiny.yaml", "--trainer.default_root_dir", str(tmp_path),
         "--trainer.logger=lightning.pytorch.loggers.CSVLogger", f"--trainer.logger.save_dir={tmp_path}",
     ])
@@ -69,7 +69,7 @@ def test_fit_logs_the_loss_terms(tmp_path, monkeypatch):
 
 
 def test_help_is_readable():
-    result = run_cli("fit", "--help")
+    result = run_console("fit", "--help")
     assert result.returncode == 0
     for option in ("--model.lora", "--model.schedule", "--model.reference", "--data.train", "--data.max_length"):
         assert option in result.stdout
@@ -86,7 +86,7 @@ def test_help_is_readable():
     ids=["unknown-model", "lora-targets", "beta-order", "truncated-response"],
 )
 def test_bad_input_is_one_line_and_exit_code_2(tmp_path, args, words):
-    result = run_cli("fit", "--config", "configs/tiny.yaml", "--trainer.default_root_dir", str(tmp_path), *args)
+    result = run_console("fit", "--config", "configs/tiny.yaml", "--trainer.default_root_dir", str(tmp_path), *args)
     assert result.returncode == 2, result.stderr[-2000:]
     error_lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(error_lines) == 1 and words in error_lines[0], result.stderr[-2000:]
@@ -96,11 +96,11 @@ def test_bad_input_is_one_line_and_exit_code_2(tmp_path, args, words):
 def test_validate_test_and_predict_run_on_the_tiny_recipe(tmp_path, monkeypatch):
     monkeypatch.chdir(REPO_ROOT)
     common = ["--config", "configs/tiny.yaml", "--trainer.default_root_dir", str(tmp_path)]
-    validated = main(["validate", *common]).trainer.callback_metrics
+    validated = run_cli(["validate", *common]).trainer.callback_metrics
     assert {"val/loss", "val/nll", "val/kl", "val/beta_mean"} <= set(validated)
     assert abs(float(validated["val/kl"])) < 1e-6  # an untrained policy equals its reference
-    tested = main(["test", *common]).trainer.callback_metrics
+    tested = run_cli(["test", *common]).trainer.callback_metrics
     assert torch.isclose(tested["test/loss"], validated["val/loss"], atol=1e-5)  # test = the validation rows
-    cli = main(["predict", *common, "--return_predictions", "true"])
+    cli = run_cli(["predict", *common, "--return_predictions", "true"])
     rows = [row for batch in cli.trainer.predict_loop.predictions for row in zip(batch["id"], batch["risk"].tolist())]
     assert len(rows) == len(cli.datamodule.train_ids) and {i for i, _ in rows} == set(cli.datamodule.train_ids)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lightning_safety.cli import main
+from lightning_safety.cli import run_cli
 from lightning_safety.models import SMOLLM2_ALIAS, load_causal_lm, load_tokenizer, resolve_model_source, smollm2_folder
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -46,7 +46,7 @@ def test_a_gguf_file_path_resolves_to_its_folder_and_file():
 
 def test_smollm2_lora_adaptive_recipe_fits_a_few_steps(tmp_path, monkeypatch):
     monkeypatch.chdir(REPO_ROOT)
-    main([
+    run_cli([
         "fit", "--config", "configs/smollm2_lora_adaptive.yaml", "--trainer.max_steps", "2",
         "--trainer.default_root_dir", str(tmp_path), "--trainer.enable_progress_bar", "false",
         "--trainer.logger=lightning.pytorch.loggers.CSVLogger", f"--trainer.logger.save_dir={tmp_path}",
