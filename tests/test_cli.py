@@ -104,3 +104,22 @@ def test_validate_test_and_predict_run_on_the_tiny_recipe(tmp_path, monkeypatch)
     cli = run_cli(["predict", *common, "--return_predictions", "true"])
     rows = [row for batch in cli.trainer.predict_loop.predictions for row in zip(batch["id"], batch["risk"].tolist())]
     assert len(rows) == len(cli.datamodule.train_ids) and {i for i, _ in rows} == set(cli.datamodule.train_ids)
+
+
+def test_lr_scheduler_from_the_command_line_steps_every_optimizer_step(tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO_ROOT)
+    cli = run_cli([
+        "fit", "--config", "configs/tiny.yaml", "--trainer.default_root_dir", str(tmp_path),
+        "--model.lr_scheduler=torch.optim.lr_scheduler.StepLR", "--model.lr_scheduler.step_size=1",
+        "--model.lr_scheduler.gamma=0.5",
+    ])
+    assert cli.trainer.global_step == 4
+    assert cli.trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(1e-3 * 0.5**4)
+    optimised = {id(p) for group in cli.trainer.optimizers[0].param_groups for p in group["params"]}
+    assert optimised == {id(p) for p in cli.model.policy.parameters()}  # not the frozen reference
+
+
+def test_ddp_recipe_runs_two_processes_from_the_console(tmp_path):
+    result = run_console("fit", "--config", "configs/tiny_ddp.yaml", "--trainer.default_root_dir", str(tmp_path))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Initializing distributed: GLOBAL_RANK: 1, MEMBER: 2/2" in result.stderr + result.stdout
