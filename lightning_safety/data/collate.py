@@ -25,7 +25,8 @@ class ChatCollator:
     Returns (from ``__call__``):
         ``input_ids`` [B, T] long, ``attention_mask`` [B, T] long (0 on padding), ``labels``
         [B, T] long (-100 on padding and prompt), ``prompt_length`` [B] long, ``index`` [B] long
-        (dataset row), ``id`` list[str] of length B, and when the data has them ``risk`` [B]
+        (dataset row), ``id`` list[str] of length B, ``messages`` (the conversations, for judges
+        that read text) when the examples carry them, and when the data has them ``risk`` [B]
         float32 and ``is_harmful`` [B] bool.
     """
 
@@ -55,6 +56,8 @@ class ChatCollator:
             "index": torch.tensor([example["index"] for example in examples], dtype=torch.long),
             "id": [example["id"] for example in examples],
         }
+        if all("messages" in example for example in examples):
+            batch["messages"] = [example["messages"] for example in examples]
         for key, dtype in (("risk", torch.float32), ("is_harmful", torch.bool)):
             present = sum(key in example for example in examples)
             if present == size:

@@ -76,6 +76,7 @@ def tokenize_records(
             "prompt_length": encoded["prompt_length"],
             "truncated": encoded["truncated"],
             "id": record.id,
+            "messages": record.messages,  # the text, for judges that score (prompt, response)
         }
         if record.risk is not None:
             example["risk"] = record.risk
