@@ -43,10 +43,29 @@ class RiskEstimator(ABC):
     """Per-example risk in [0, 1] for a batch.
 
     Implementations receive the collated batch (``input_ids`` [B, T], ``attention_mask`` [B, T],
-    ``labels`` [B, T], ``prompt_length`` [B], ``id`` list[str], ...) and the policy model, and
-    return a float tensor [B]. Estimators that depend only on the example and frozen models
-    should cache by ``batch["id"]``.
+    ``labels`` [B, T], ``prompt_length`` [B], ``id`` list[str], ``messages`` ...) and the policy
+    model, and return a float tensor [B].
+
+    Attributes:
+        cacheable: True when the risk depends only on the example and frozen models (a probe on
+            the reference, a judge): :class:`~lightning_safety.callbacks.RiskCallback` then
+            computes it once per example and caches it.
+        failures: number of examples whose scoring failed and were given risk 1 (fail closed).
     """
+
+    cacheable: bool = False
+    failures: int = 0
+
+    @property
+    def namespace(self) -> str:
+        """Identity of the estimator for caches (a cache of one estimator is refused by another)."""
+        return type(self).__name__
+
+    def setup(self, pl_module: nn.Module) -> None:
+        """Resolve models and register hooks (called by callbacks in ``on_fit_start`` etc.)."""
+
+    def teardown(self) -> None:
+        """Remove hooks and release what :meth:`setup` took."""
 
     @abstractmethod
     def __call__(self, batch: Mapping[str, Any], model: nn.Module | None = None) -> Tensor:
