@@ -12,6 +12,8 @@ from pathlib import Path
 import lightning as L
 import torch
 
+from id_hash_risk import IdHashRisk
+from lightning_safety.callbacks import RiskCallback
 from lightning_safety.data import ChatSFTDataModule
 from lightning_safety.module import SafeFineTuning
 
@@ -38,21 +40,29 @@ def main(out_dir: Path, model_dir: str) -> None:
     module = SafeFineTuning(model_dir, reference="model_copy", optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2))
     data = ChatSFTDataModule(train=str(TINY_DATA), tokenizer=model_dir, batch_size=3, max_length=256, seed=0)
     record = RecordSteps()
+    estimator = IdHashRisk()
     trainer = L.Trainer(
         accelerator="cpu",
         devices=2,
         strategy="ddp",
-        max_steps=3,
+        max_steps=8,  # 12 rows per rank, batch 3: two epochs
         logger=False,
         enable_progress_bar=False,
         enable_model_summary=False,
         enable_checkpointing=False,
-        callbacks=[record],
+        callbacks=[RiskCallback(estimator), record],  # the risk is set before RecordSteps sees the batch
     )
     trainer.fit(module, datamodule=data)
     state = {n: p.detach().cpu() for n, p in module.named_parameters() if p.requires_grad}
     torch.save(
-        {"state": state, "first_batch": record.first_batch, "losses": record.logged_losses, "world_size": trainer.world_size},
+        {
+            "state": state,
+            "first_batch": record.first_batch,
+            "losses": record.logged_losses,
+            "world_size": trainer.world_size,
+            "scored_ids": estimator.scored_ids,
+            "train_ids": data.train_ids,
+        },
         out_dir / f"rank{trainer.global_rank}.pt",
     )
 

@@ -28,7 +28,7 @@ def pad_and_concatenate(first: dict, second: dict, pad_id: int) -> dict:
     }
 
 
-def test_ddp_two_processes_identical_weights_and_global_loss(tiny_model_dir, tmp_path):
+def test_ddp_two_processes_identical_weights_global_loss_and_shared_risk_cache(tiny_model_dir, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     result = subprocess.run(
         [sys.executable, str(WORKER), str(tmp_path), str(tiny_model_dir)],
@@ -56,3 +56,6 @@ def test_ddp_two_processes_identical_weights_and_global_loss(tiny_model_dir, tmp
     # ... which is not the plain average of the per-rank losses (different token counts).
     assert abs(float(out.loss) - float(sum(local) / 2)) > 1e-6
     assert ranks[0]["losses"] == ranks[1]["losses"]
+    # Risk: each example scored once across both ranks and both epochs (caches merged at epoch end).
+    scored = ranks[0]["scored_ids"] + ranks[1]["scored_ids"]
+    assert sorted(scored) == sorted(set(ranks[0]["train_ids"]))
