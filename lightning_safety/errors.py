@@ -31,3 +31,19 @@ class DataError(LightningSafetyError):
 
 class RiskError(LightningSafetyError):
     """A risk score is not a finite number in [0, 1], or a schedule is misconfigured."""
+
+
+class ProbeError(LightningSafetyError):
+    """An activation probe is misconfigured (layers, pooling, data) or its artifact is unusable."""
+
+
+class ProbeMismatchError(ProbeError):
+    """A saved activation probe was trained on a different model than the one it is used with."""
+
+
+class CalibrationError(LightningSafetyError):
+    """A calibrated decision threshold cannot be computed (too few samples, bad alpha or delta)."""
+
+
+class JudgeError(LightningSafetyError):
+    """A risk judge is misconfigured (model, tokenizer, labels, endpoint) or used before it is ready."""

@@ -1,5 +1,5 @@
 """Callbacks that drop into any Lightning project whose batches are dicts."""
 
-from lightning_safety.callbacks.risk import RiskCallback
+from lightning_safety.callbacks.risk import ActivationRiskCallback, JudgeRiskCallback, RiskCallback
 
-__all__ = ["RiskCallback"]
+__all__ = ["ActivationRiskCallback", "JudgeRiskCallback", "RiskCallback"]

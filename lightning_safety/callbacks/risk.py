@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import torch
@@ -18,6 +18,9 @@ from torch import Tensor
 from lightning_safety.errors import DataError
 from lightning_safety.risk.base import RISK_FIELD, RiskEstimator, check_risk
 from lightning_safety.risk.cache import RiskCache
+from lightning_safety.risk.estimators import JudgeRisk, ProbeRisk
+from lightning_safety.risk.judges import Judge
+from lightning_safety.risk.probe import ActivationProbe
 
 
 def select_rows(batch: Mapping[str, Any], rows: list[int]) -> dict[str, Any]:
@@ -170,3 +173,56 @@ class RiskCallback(L.Callback):
             self.cache.load_state_dict(state)
         else:
             self._pending_state = state  # applied when the cache is created in _activate
+
+
+class ActivationRiskCallback(RiskCallback):
+    """Risk from an activation probe on the prompt's pre-generation activations (see :class:`ProbeRisk`).
+
+    Hooks go on the probe's layers in ``on_fit_start`` / ``on_validation_start`` (resolved by
+    module identity, after any wrapping) and are removed in ``teardown``. With
+    ``source="reference"`` the risk is cached: one prompt-only reference forward per example.
+
+    Args:
+        probe: an ``ActivationProbe`` or the folder of a saved one (``lightning-safety probe fit``).
+        source: ``"reference"`` (frozen, cached) or ``"policy"`` (the model as it trains).
+        model_attr: attribute of the LightningModule that holds the causal LM.
+        cache, cache_path, log_stats: as in :class:`RiskCallback`.
+
+    Example::
+
+        trainer = L.Trainer(callbacks=[ActivationRiskCallback("runs/probe", cache_path="runs/probe_risk.json")])
+    """
+
+    def __init__(
+        self,
+        probe: ActivationProbe | str | Path,
+        source: Literal["reference", "policy"] = "reference",
+        model_attr: str | None = None,
+        *,
+        cache: bool = True,
+        cache_path: str | Path | None = None,
+        log_stats: bool = True,
+    ) -> None:
+        super().__init__(ProbeRisk(probe, source, model_attr), cache=cache, cache_path=cache_path, log_stats=log_stats)
+
+
+class JudgeRiskCallback(RiskCallback):
+    """Risk from a Safety Critic judge scoring each example's (request, response), once per example.
+
+    Args:
+        judge: any ``Judge`` (``RubricJudge``, ``GuardModelJudge``, ``ClassifierJudge``,
+            ``EmbeddingJudge``, ``HTTPJudge``). A failed call is risk 1, counted in ``risk/failures``.
+        include_response: judge the request with the dataset's answer (default) or alone.
+        cache, cache_path, log_stats: as in :class:`RiskCallback`.
+    """
+
+    def __init__(
+        self,
+        judge: Judge,
+        include_response: bool = True,
+        *,
+        cache: bool = True,
+        cache_path: str | Path | None = None,
+        log_stats: bool = True,
+    ) -> None:
+        super().__init__(JudgeRisk(judge, include_response), cache=cache, cache_path=cache_path, log_stats=log_stats)

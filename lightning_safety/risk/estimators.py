@@ -1,0 +1,191 @@
+"""Risk estimators over a training batch: the activation probe and the Safety Critic judges.
+
+Both read any LightningModule that exposes a Hugging Face causal LM (``policy`` or ``model``
+attribute, or one named with ``model_attr``); neither assumes :class:`SafeFineTuning`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from lightning_safety.errors import RiskError
+from lightning_safety.models import is_peft_model, reference_adapter
+from lightning_safety.risk.base import RiskEstimator
+from lightning_safety.risk.hooks import LayerTaps
+from lightning_safety.risk.judges import Judge
+from lightning_safety.risk.probe import ActivationProbe
+
+ProbeSource = Literal["reference", "policy"]
+
+
+def find_causal_lm(pl_module: nn.Module, model_attr: str | None = None) -> nn.Module:
+    """The Hugging Face causal LM inside a LightningModule.
+
+    ``model_attr`` (dotted, e.g. ``"backbone.lm"``) names it; otherwise ``policy`` or ``model`` is
+    used, or the module itself when it is a Hugging Face model.
+    """
+    if model_attr:
+        target: Any = pl_module
+        for part in model_attr.split("."):
+            target = getattr(target, part, None)
+        if not isinstance(target, nn.Module):
+            raise RiskError(f"the LightningModule has no model at '{model_attr}': name the attribute that holds it")
+        return target
+    for name in ("policy", "model"):
+        candidate = getattr(pl_module, name, None)
+        if isinstance(candidate, nn.Module):
+            return candidate
+    if hasattr(pl_module, "config") and hasattr(pl_module, "get_input_embeddings"):
+        return pl_module
+    raise RiskError(
+        f"cannot find a Hugging Face model in {type(pl_module).__name__}: expose it as `policy` or `model`, "
+        "or pass model_attr"
+    )
+
+
+def _state_digest(module: nn.Module) -> str:
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:12]
+
+
+class ProbeRisk(RiskEstimator):
+    """Risk = an activation probe's harmful probability from the prompt's pre-generation activations.
+
+    Args:
+        probe: an :class:`~lightning_safety.risk.probe.ActivationProbe` or the folder of a saved one.
+        source: ``"reference"`` reads the frozen reference (``pl_module.reference`` when the module
+            has one, else the PEFT base with the adapter switched off, or the frozen reference
+            adapter under ``adapter_copy``): the risk is then a property of the example and is
+            cached, one prompt-only forward per example per run. ``"policy"`` reads the model as
+            it trains (not cached).
+        model_attr: attribute of the LightningModule holding the causal LM (default: ``policy``
+            or ``model``).
+
+    Hooks are registered on the probe's layers, resolved by module identity, in :meth:`setup`
+    and removed in :meth:`teardown`; the probe's fingerprint must match the model it reads.
+    """
+
+    def __init__(self, probe: ActivationProbe | str | Path, source: ProbeSource = "reference", model_attr: str | None = None) -> None:
+        if source not in ("reference", "policy"):
+            raise RiskError(f"probe source '{source}' is unknown: use 'reference' or 'policy'")
+        self.probe = probe if isinstance(probe, ActivationProbe) else ActivationProbe.load(probe)
+        self.source = source
+        self.model_attr = model_attr
+        self.cacheable = source == "reference"
+        self.taps: LayerTaps | None = None
+        self._target: nn.Module | None = None
+        self._view: Any = contextlib.nullcontext
+        self._use_adapter = False
+
+    @property
+    def namespace(self) -> str:
+        probe = self.probe
+        return f"probe:{probe.fingerprint[:12]}:{probe.pooling}:{','.join(map(str, probe.layers))}:{_state_digest(probe.classifier)}"
+
+    def setup(self, pl_module: nn.Module) -> None:
+        if self.taps is not None:
+            return
+        model = find_causal_lm(pl_module, self.model_attr)
+        reference = getattr(pl_module, "reference", None)
+        if self.source == "policy":
+            target, view, use_adapter = model, contextlib.nullcontext, True
+        elif isinstance(reference, nn.Module):
+            target, view, use_adapter = reference, contextlib.nullcontext, False
+        elif is_peft_model(model) and getattr(pl_module, "reference_strategy", None) == "adapter_copy":
+            target, view, use_adapter = model, lambda: reference_adapter(model), True
+        elif is_peft_model(model):
+            target, view, use_adapter = model, contextlib.nullcontext, False  # the probe disables the adapter
+        else:
+            raise RiskError(
+                "probe source 'reference' needs a frozen reference (a `reference` module, or a LoRA policy "
+                "whose base is the reference): use source='policy' or give the module a reference"
+            )
+        self.probe.check_model(target)
+        self.taps = LayerTaps.for_model(target, self.probe.layers)
+        self._target, self._view, self._use_adapter = target, view, use_adapter
+
+    def teardown(self) -> None:
+        if self.taps is not None:
+            self.taps.remove()
+        self.taps, self._target = None, None
+
+    def __call__(self, batch: Mapping[str, Any], model: nn.Module | None = None) -> Tensor:
+        if self._target is None or self.taps is None:
+            raise RiskError("ProbeRisk was called before setup(): attach it through a RiskCallback")
+        with self._view():
+            return self.probe.score(
+                self._target,
+                batch["input_ids"],
+                batch["attention_mask"],
+                batch["prompt_length"],
+                taps=self.taps,
+                use_adapter=self._use_adapter,
+            )
+
+
+def split_conversation(messages: Sequence[Mapping[str, str]]) -> tuple[str, str]:
+    """(request, response) text of a training conversation for a judge.
+
+    The request is the user turns before the first assistant turn (joined by blank lines), the
+    response the first assistant turn: what the paper's Safety Critic scores. System turns are
+    left out (they are the operator's, not the example's).
+    """
+    request, response = [], ""
+    for message in messages:
+        if message["role"] == "assistant":
+            response = message["content"]
+            break
+        if message["role"] == "user":
+            request.append(message["content"])
+    return "\n\n".join(request), response
+
+
+class JudgeRisk(RiskEstimator):
+    """Risk = a judge's harm score of the example's (request, response) text; cached per example.
+
+    The batch must carry the conversations (``batch["messages"]``, as ChatSFTDataModule's do).
+    A failed judge call gives risk 1 (the judge fails closed) and is counted in ``failures``.
+
+    Args:
+        judge: any :class:`~lightning_safety.risk.judges.Judge`.
+        include_response: judge the request together with the dataset's answer (the paper's
+            Safety Critic) or the request alone.
+    """
+
+    cacheable = True
+
+    def __init__(self, judge: Judge, include_response: bool = True) -> None:
+        self.judge = judge
+        self.include_response = include_response
+
+    @property
+    def namespace(self) -> str:
+        head = getattr(self.judge, "head", None)
+        suffix = f":{_state_digest(head)}" if isinstance(head, nn.Module) else ""
+        return f"judge:{self.judge.name}{suffix}:{'pair' if self.include_response else 'request'}"
+
+    @property
+    def failures(self) -> int:  # type: ignore[override]
+        return self.judge.failures
+
+    def __call__(self, batch: Mapping[str, Any], model: nn.Module | None = None) -> Tensor:
+        if "messages" not in batch:
+            raise RiskError(
+                "the batch has no 'messages' for the judge to read: use ChatSFTDataModule or add the "
+                "conversations to your batches"
+            )
+        pairs = [split_conversation(messages) for messages in batch["messages"]]
+        requests = [request for request, _ in pairs]
+        responses = [response for _, response in pairs] if self.include_response else None
+        return self.judge.score(requests, responses).score.to(batch["input_ids"].device)
+
