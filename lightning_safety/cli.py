@@ -5,6 +5,9 @@ Examples::
     lightning-safety fit --config configs/tiny.yaml
     lightning-safety fit --config configs/smollm2_lora_adaptive.yaml --trainer.max_steps 5
     lightning-safety fit --config configs/tiny.yaml --print_config
+    lightning-safety probe fit --model smollm2-135m-instruct --harmful.path advbench.csv --benign.path alpaca.jsonl --output runs/probe
+    lightning-safety probe sweep --help
+    lightning-safety score --data train.jsonl --judge EmbeddingJudge --output scored.jsonl
 
 Errors caused by configuration or data print as one line (``error: ...``) and exit with 2.
 """
@@ -13,9 +16,11 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+from lightning_safety.commands import is_command, run_command
 from lightning_safety.data import ChatSFTDataModule
 from lightning_safety.errors import LightningSafetyError
 from lightning_safety.module import SafeFineTuning
@@ -37,13 +42,19 @@ def main(args: Sequence[str] | None = None) -> None:
     run_cli(args)
 
 
-def run_cli(args: Sequence[str] | None = None) -> SafetyCLI:
-    """Run the CLI from Python and return it (its ``trainer``, ``model`` and ``datamodule``)."""
+def run_cli(args: Sequence[str] | None = None) -> SafetyCLI | Any:
+    """Run the CLI from Python and return it (its ``trainer``, ``model`` and ``datamodule``).
+
+    ``probe fit``, ``probe sweep`` and ``score`` go to :mod:`lightning_safety.commands`.
+    """
+    argv = list(sys.argv[1:] if args is None else args)
     try:
+        if is_command(argv):
+            return run_command(argv)
         return SafetyCLI(
             SafeFineTuning,
             ChatSFTDataModule,
-            args=list(args) if args is not None else None,
+            args=argv,
             parser_kwargs={"description": "Fine-tune chat LLMs while keeping them safe (adaptive KL)."},
             save_config_kwargs={"overwrite": True},
         )

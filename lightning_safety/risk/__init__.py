@@ -1,5 +1,51 @@
-"""Risk estimation: per-example risk scores in [0, 1] for training batches."""
+"""Risk estimation: per-example risk scores in [0, 1] for training batches.
+
+* :mod:`~lightning_safety.risk.probe`: activation probes on pre-generation activations.
+* :mod:`~lightning_safety.risk.judges`: Safety Critic judges (rubric LLM, guard model,
+  classifier, sentence-embedding, HTTP endpoint), failing closed.
+* :mod:`~lightning_safety.risk.calibration`: thresholds with a stated recall guarantee.
+* :mod:`~lightning_safety.risk.cache`: each example scored once per run.
+"""
 
 from lightning_safety.risk.base import RISK_FIELD, ConstantRisk, FieldRisk, RiskEstimator, check_risk
+from lightning_safety.risk.cache import RiskCache
+from lightning_safety.risk.calibration import CalibratedThreshold, calibrate_threshold
+from lightning_safety.risk.compose import MaxRisk, MeanRisk
+from lightning_safety.risk.estimators import JudgeRisk, ProbeRisk, find_causal_lm, split_conversation
+from lightning_safety.risk.judges import (
+    ClassifierJudge,
+    EmbeddingJudge,
+    GuardModelJudge,
+    HTTPJudge,
+    Judge,
+    JudgeResult,
+    RubricJudge,
+)
+from lightning_safety.risk.probe import ActivationProbe, fit_probe, sweep
 
-__all__ = ["RISK_FIELD", "ConstantRisk", "FieldRisk", "RiskEstimator", "check_risk"]
+__all__ = [
+    "RISK_FIELD",
+    "ActivationProbe",
+    "CalibratedThreshold",
+    "ClassifierJudge",
+    "ConstantRisk",
+    "EmbeddingJudge",
+    "FieldRisk",
+    "GuardModelJudge",
+    "HTTPJudge",
+    "Judge",
+    "JudgeResult",
+    "JudgeRisk",
+    "MaxRisk",
+    "MeanRisk",
+    "ProbeRisk",
+    "RiskCache",
+    "RiskEstimator",
+    "RubricJudge",
+    "calibrate_threshold",
+    "check_risk",
+    "find_causal_lm",
+    "fit_probe",
+    "split_conversation",
+    "sweep",
+]

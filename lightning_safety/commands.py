@@ -1,0 +1,300 @@
+"""The CLI's own subcommands, beside LightningCLI's fit/validate/test/predict.
+
+* ``lightning-safety probe fit``: train an activation probe on harmful vs benign prompts and save it.
+* ``lightning-safety probe sweep``: AUROC and recall at 1% / 5% FPR for every layer and pooling,
+  in distribution and on out-of-distribution sets, as a markdown table, JSON and a PNG plot.
+* ``lightning-safety score``: score a dataset once with a judge or a probe; write the scores as a
+  ``risk`` column (JSONL) and/or as a risk cache that ``RiskCallback(cache_path=...)`` reuses.
+
+Prompt sources (``PromptSource``) are files or ``datasets`` names with a text field, optionally
+filtered on a column (``where={"label": "unsafe"}`` for XSTest's unsafe prompts).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lightning_safety.errors import DataError
+from lightning_safety.risk.judges import Judge
+
+_TEXT_FIELDS = ("prompt", "goal", "instruction", "question", "text", "sentence")
+
+
+@dataclass(frozen=True)
+class PromptSource:
+    """Prompts from a file (.jsonl/.json/.csv/.tsv/.parquet) or a ``datasets`` name.
+
+    Args:
+        path: file, folder or hub dataset name.
+        field: the text column; default: the first of prompt, goal, instruction, question, text.
+        where: keep rows whose columns equal these values (e.g. ``{"label": "unsafe"}``).
+        split: split of a hub dataset.
+        name: configuration of a hub dataset.
+        limit: keep the first ``limit`` prompts (after filtering).
+    """
+
+    path: str
+    field: str | None = None
+    where: dict[str, str] | None = None
+    split: str = "train"
+    name: str | None = None
+    limit: int | None = None
+
+
+def load_prompts(source: PromptSource | str) -> list[str]:
+    """The non-empty prompt texts of a source."""
+    from lightning_safety.data.sources import load_records
+
+    if isinstance(source, str):
+        source = PromptSource(source)
+    rows = load_records(source.path, split=source.split, name=source.name)
+    if source.where:
+        rows = [row for row in rows if all(str(row.get(k)) == str(v) for k, v in source.where.items())]
+    if not rows:
+        raise DataError(f"no rows in {source.path} (after the filter {source.where}): check the path and the filter")
+    field = source.field or next((f for f in _TEXT_FIELDS if f in rows[0]), None)
+    if field is None or field not in rows[0]:
+        raise DataError(
+            f"{source.path} has no text field {source.field or _TEXT_FIELDS}: set field to one of {sorted(rows[0])}"
+        )
+    prompts = [str(row[field]).strip() for row in rows if row.get(field) is not None and str(row[field]).strip()]
+    return prompts[: source.limit] if source.limit is not None else prompts
+
+
+def _parse_layers(layers: str | list[int]) -> str | list[int]:
+    if isinstance(layers, list) or layers == "all":
+        return layers
+    return [int(part) for part in str(layers).split(",")]
+
+
+def probe_fit(
+    model: str,
+    harmful: PromptSource,
+    benign: PromptSource,
+    output: str,
+    layers: list[int] | None = None,
+    pooling: str = "mean",
+    kind: str = "logistic",
+    weight_decay: float = 1e-2,
+    epochs: int = 200,
+    val_fraction: float = 0.2,
+    calibration_fraction: float = 0.2,
+    alpha: float = 0.1,
+    delta: float = 0.05,
+    seed: int = 0,
+    batch_size: int = 16,
+    dtype: str | None = None,
+    overwrite: bool = False,
+) -> None:
+    """Train an activation probe on harmful vs benign prompts and save it (safetensors + JSON).
+
+    Args:
+        model: model name, folder, GGUF file or alias whose activations the probe reads (the
+            reference you will fine-tune from).
+        harmful: harmful prompts (e.g. AdvBench's ``goal`` column).
+        benign: benign prompts (e.g. Alpaca instructions).
+        output: folder to write (``probe.safetensors``, ``probe.json``).
+        layers: decoder layers to read (default: the middle layer).
+        pooling: ``mean``, ``last`` or ``mean_all_layers``.
+        kind: ``logistic`` or ``mlp``.
+        weight_decay: L2 regularisation of the classifier.
+        epochs: training epochs (the best validation epoch is kept).
+        val_fraction: share of prompts held out for validation metrics.
+        calibration_fraction: share of harmful prompts held out to calibrate the threshold (0: no calibration).
+        alpha: calibrated threshold: at most this share of harmful prompts missed ...
+        delta: ... with probability at least 1 - delta over the calibration draw.
+        seed: seed of the splits and the training.
+        batch_size: prompts per forward.
+        dtype: weights dtype for the model.
+        overwrite: replace an existing probe folder.
+    """
+    from lightning_safety.models import load_causal_lm, load_tokenizer
+    from lightning_safety.risk.hooks import find_decoder_layers
+    from lightning_safety.risk.probe import fit_probe
+
+    network, tokenizer = load_causal_lm(model, dtype=dtype), load_tokenizer(model)
+    if layers is None:
+        layers = [len(find_decoder_layers(network)) // 2]
+    probe = fit_probe(
+        network, tokenizer, load_prompts(harmful), load_prompts(benign),
+        layers=layers, pooling=pooling, kind=kind, weight_decay=weight_decay, epochs=epochs,
+        val_fraction=val_fraction, calibration_fraction=calibration_fraction, alpha=alpha, delta=delta,
+        seed=seed, batch_size=batch_size, model_name=model, progress=True,
+    )  # fmt: skip
+    folder = probe.save(output, overwrite=overwrite)
+    metrics = probe.metrics
+    print(f"probe saved to {folder}: layers {probe.layers}, pooling {probe.pooling}, "
+          f"val AUROC {metrics.get('val_auroc', float('nan')):.4f}, threshold {probe.threshold:.4f}")
+    if probe.calibration:
+        print(probe.calibration["statement"])
+
+
+def probe_sweep(
+    model: str,
+    harmful: PromptSource,
+    benign: PromptSource,
+    output: str,
+    ood: dict[str, tuple[PromptSource, PromptSource]] | None = None,
+    layers: str | list[int] = "all",
+    poolings: list[str] | None = None,
+    weight_decay: float = 1e-2,
+    val_fraction: float = 0.2,
+    seed: int = 0,
+    batch_size: int = 16,
+    dtype: str | None = None,
+) -> None:
+    """Probe quality for every layer and pooling: a markdown table, JSON and a PNG plot.
+
+    Args:
+        model: model name, folder, GGUF file or alias.
+        harmful: harmful training prompts.
+        benign: benign training prompts.
+        output: folder for ``sweep.md``, ``sweep.json``, ``sweep.png``.
+        ood: out-of-distribution sets, name -> (harmful source, benign source), never trained on.
+        layers: ``all`` or a list of decoder layers.
+        poolings: per-layer poolings (default ``last`` and ``mean``; ``mean_all_layers`` is added).
+        weight_decay: L2 regularisation of each logistic probe.
+        val_fraction: held-out share for the in-distribution metrics.
+        seed: seed of the split.
+        batch_size: prompts per forward.
+        dtype: weights dtype for the model.
+    """
+    from lightning_safety.models import load_causal_lm, load_tokenizer
+    from lightning_safety.risk.probe import plot_sweep, sweep, sweep_table
+
+    network, tokenizer = load_causal_lm(model, dtype=dtype), load_tokenizer(model)
+    ood_prompts = {name: (load_prompts(h), load_prompts(b)) for name, (h, b) in (ood or {}).items()}
+    rows = sweep(
+        network, tokenizer, load_prompts(harmful), load_prompts(benign),
+        layers=_parse_layers(layers), poolings=tuple(poolings or ("last", "mean")), ood=ood_prompts,
+        val_fraction=val_fraction, seed=seed, weight_decay=weight_decay, batch_size=batch_size, progress=True,
+    )  # fmt: skip
+    folder = Path(output)
+    folder.mkdir(parents=True, exist_ok=True)
+    table = sweep_table(rows)
+    _write_text(folder / "sweep.md", table + "\n")
+    _write_text(folder / "sweep.json", json.dumps({"model": model, "rows": rows}, indent=1, default=float))
+    plot_sweep(rows, folder / "sweep.png")
+    print(table)
+    print(f"written: {folder / 'sweep.md'}, {folder / 'sweep.json'}, {folder / 'sweep.png'}")
+
+
+def score(
+    data: str,
+    output: str | None = None,
+    cache: str | None = None,
+    judge: Judge | None = None,
+    probe: str | None = None,
+    model: str | None = None,
+    include_response: bool = True,
+    split: str = "train",
+    name: str | None = None,
+    limit: int | None = None,
+    chunk: int = 256,
+) -> None:
+    """Score a chat dataset once with a judge or a probe (batched, sorted by length, with progress).
+
+    Args:
+        data: chat data (file or ``datasets`` name; messages, prompt/response or Alpaca rows).
+        output: JSONL file: every row with its ``id`` and a ``risk`` column (fail-closed failures = 1).
+        cache: risk cache JSON that ``JudgeRiskCallback``/``ActivationRiskCallback(cache_path=...)``
+            then read instead of scoring again.
+        judge: a Judge (``--judge EmbeddingJudge --judge.head ...`` or a class path).
+        probe: folder of a saved activation probe (needs ``model``).
+        model: the model the probe reads (name, folder, GGUF or alias).
+        include_response: judges see the request with the dataset's answer (default) or alone.
+        split, name, limit: which rows of ``data``.
+        chunk: examples per progress step.
+    """
+    import torch
+
+    from lightning_safety.data.records import FieldMap, rows_to_records
+    from lightning_safety.data.sources import load_records
+    from lightning_safety.risk.cache import RiskCache
+    from lightning_safety.risk.estimators import JudgeRisk, ProbeRisk, split_conversation
+
+    if (judge is None) == (probe is None):
+        raise DataError("give exactly one of --judge or --probe")
+    if output is None and cache is None:
+        raise DataError("nothing to write: give --output (a JSONL with a risk column) and/or --cache")
+    rows = load_records(data, split=split, name=name, limit=limit)
+    records = rows_to_records(rows, FieldMap())
+    pairs = [split_conversation(record.messages) for record in records]
+    requests = [request for request, _ in pairs]
+    failed = 0
+    if judge is not None:
+        estimator = JudgeRisk(judge, include_response)
+        responses = [response for _, response in pairs] if include_response else None
+        scores: list[float] = []
+        for start in _progress(range(0, len(records), chunk), len(records), chunk, "judge"):
+            part = judge.score(requests[start : start + chunk], None if responses is None else responses[start : start + chunk])
+            scores += part.score.tolist()
+        failed = judge.failures
+    else:
+        from lightning_safety.models import load_causal_lm, load_tokenizer
+        from lightning_safety.risk.probe import ActivationProbe
+
+        if model is None:
+            raise DataError("--probe needs --model: the model whose activations the probe reads")
+        network = load_causal_lm(model)
+        loaded = ActivationProbe.load(probe, model=network)
+        estimator = ProbeRisk(loaded)
+        scores = loaded.score_prompts(network, load_tokenizer(model), requests, progress=True).tolist()
+    ids = [record.id for record in records]
+    if cache is not None:
+        store = RiskCache(estimator.namespace, cache)
+        store.update(ids, torch.tensor(scores))
+        store.save()
+    if output is not None:
+        lines = [json.dumps({**row, "id": i, "risk": s}, ensure_ascii=False, default=str) for row, i, s in zip(rows, ids, scores)]
+        _write_text(Path(output), "\n".join(lines) + "\n")
+    print(f"scored {len(scores)} examples ({failed} failed and set to risk 1); mean risk "
+          f"{sum(scores) / max(len(scores), 1):.4f}" + (f"; cache {cache}" if cache else "") + (f"; rows {output}" if output else ""))
+
+
+def _progress(steps: range, total: int, chunk: int, desc: str):
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # tqdm comes with transformers, but stay usable without it
+        yield from steps
+        return
+    with tqdm(total=total, desc=desc, unit="ex") as bar:
+        for start in steps:
+            yield start
+            bar.update(min(chunk, total - start))
+
+
+def _write_text(path: Path, text: str) -> None:
+    """Write atomically: a reader sees the old file or the new one, never half of it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(handle, "w") as file:
+            file.write(text)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+COMMANDS = {"probe": {"fit": probe_fit, "sweep": probe_sweep}, "score": score}
+
+
+def run_command(args: Sequence[str]) -> Any:
+    """Run ``probe fit|sweep`` or ``score`` with jsonargparse (typed options, ``--help``, ``--config``)."""
+    from jsonargparse import CLI
+
+    return CLI(COMMANDS, args=list(args), as_positional=False)
+
+
+def is_command(args: Sequence[str]) -> bool:
+    return bool(args) and args[0] in COMMANDS
+
+
+__all__ = ["PromptSource", "load_prompts", "probe_fit", "probe_sweep", "score", "run_command", "is_command"]
