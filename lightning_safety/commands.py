@@ -13,14 +13,13 @@ filtered on a column (``where={"label": "unsafe"}`` for XSTest's unsafe prompts)
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from lightning_safety.errors import DataError
+from lightning_safety.paths import atomic_write_text
 from lightning_safety.risk.judges import Judge
 
 _TEXT_FIELDS = ("prompt", "goal", "instruction", "question", "text", "sentence")
@@ -178,8 +177,8 @@ def probe_sweep(
     folder = Path(output)
     folder.mkdir(parents=True, exist_ok=True)
     table = sweep_table(rows)
-    _write_text(folder / "sweep.md", table + "\n")
-    _write_text(folder / "sweep.json", json.dumps({"model": model, "rows": rows}, indent=1, default=float))
+    atomic_write_text(folder / "sweep.md", table + "\n")
+    atomic_write_text(folder / "sweep.json", json.dumps({"model": model, "rows": rows}, indent=1, default=float))
     plot_sweep(rows, folder / "sweep.png")
     print(table)
     print(f"written: {folder / 'sweep.md'}, {folder / 'sweep.json'}, {folder / 'sweep.png'}")
@@ -253,7 +252,7 @@ def score(
         store.save()
     if output is not None:
         lines = [json.dumps({**row, "id": i, "risk": s}, ensure_ascii=False, default=str) for row, i, s in zip(rows, ids, scores)]
-        _write_text(Path(output), "\n".join(lines) + "\n")
+        atomic_write_text(Path(output), "\n".join(lines) + "\n")
     print(f"scored {len(scores)} examples ({failed} failed and set to risk 1); mean risk "
           f"{sum(scores) / max(len(scores), 1):.4f}" + (f"; cache {cache}" if cache else "") + (f"; rows {output}" if output else ""))
 
@@ -268,19 +267,6 @@ def _progress(steps: range, total: int, chunk: int, desc: str):
         for start in steps:
             yield start
             bar.update(min(chunk, total - start))
-
-
-def _write_text(path: Path, text: str) -> None:
-    """Write atomically: a reader sees the old file or the new one, never half of it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w") as file:
-            file.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 COMMANDS = {"probe": {"fit": probe_fit, "sweep": probe_sweep}, "score": score}

@@ -41,7 +41,7 @@ def test_load_prompts_picks_the_text_field_and_filters(prompt_files):
     assert len(unsafe) == 4 and all("someone's" in p for p in unsafe)
 
 
-def test_probe_fit_writes_a_probe_for_that_model(tiny_model_dir, prompt_files, tmp_path):
+def test_probe_fit_writes_a_probe_that_score_and_fit_use(tiny_model_dir, prompt_files, tmp_path, monkeypatch):
     run_cli([
         "probe", "fit", "--model", str(tiny_model_dir), "--harmful.path", str(prompt_files / "harmful.csv"),
         "--benign.path", str(prompt_files / "benign.jsonl"), "--output", str(tmp_path / "probe"),
@@ -54,6 +54,13 @@ def test_probe_fit_writes_a_probe_for_that_model(tiny_model_dir, prompt_files, t
              "--output", str(tmp_path / "scored.jsonl")])
     rows = [json.loads(line) for line in (tmp_path / "scored.jsonl").read_text().splitlines()]
     assert len(rows) == 24 and len({row["risk"] for row in rows}) > 1
+    # ... and a recipe takes it as a callback from the command line.
+    monkeypatch.chdir(REPO_ROOT)
+    cache = tmp_path / "probe_risk.json"
+    run_cli(["fit", "--config", "configs/tiny.yaml", "--trainer.default_root_dir", str(tmp_path),
+             "--trainer.callbacks+=lightning_safety.callbacks.ActivationRiskCallback",
+             f"--trainer.callbacks.probe={tmp_path / 'probe'}", f"--trainer.callbacks.cache_path={cache}"])
+    assert len(json.loads(cache.read_text())["scores"]) == 4 * 4 + 6  # 4 steps of 4 examples, 6 validation examples
 
 
 def test_probe_sweep_writes_table_json_and_plot(tiny_model_dir, prompt_files, tmp_path):

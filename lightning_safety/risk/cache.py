@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -27,6 +25,7 @@ import torch
 from torch import Tensor
 
 from lightning_safety.errors import RiskError
+from lightning_safety.paths import atomic_write_text
 
 _FORMAT = "lightning_safety.risk_cache/1"
 
@@ -93,15 +92,7 @@ class RiskCache:
         target = Path(path) if path is not None else self.path
         if target is None:
             raise RiskError("this risk cache has no path: pass one to save()")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        handle, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
-        try:
-            with os.fdopen(handle, "w") as file:
-                json.dump(self.state_dict(), file)
-            os.replace(tmp, target)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        atomic_write_text(target, json.dumps(self.state_dict()))
         return target
 
     def load_file(self, path: str | Path) -> None:
