@@ -329,6 +329,8 @@ def test_embedding_judge_fit_scores_and_round_trips(encoder, tmp_path):
     loaded = EmbeddingJudge.load(tmp_path / "judge", encoder=encoder)
     assert torch.allclose(loaded.score(held_out).score, result.score, atol=1e-6)
     assert loaded.metrics["val_auroc"] == metrics["val_auroc"]
+    from_folder = EmbeddingJudge(encoder, head=str(tmp_path / "judge"))  # the CLI's way: --judge.head FOLDER
+    assert torch.allclose(from_folder.score(held_out).score, result.score, atol=1e-6)
     meta = json.loads((tmp_path / "judge" / "judge.json").read_text())
     assert meta["encoder"] == "all-MiniLM-L6-v2" and meta["default_encoder"] and meta["dim"] == 384
     with pytest.raises(JudgeError, match="already exists"):

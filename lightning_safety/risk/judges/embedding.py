@@ -261,7 +261,8 @@ class EmbeddingJudge(Judge):
     Args:
         encoder: a :class:`SentenceEncoder`, a folder or hub id of one, or None for
             all-MiniLM-L6-v2.
-        head: a trained :class:`LogisticHead` (else call :meth:`fit` or :meth:`load` first).
+        head: a trained :class:`LogisticHead`, or the folder of a judge written by :meth:`save`
+            (its encoder is used unless ``encoder`` is given); else call :meth:`fit` first.
         batch_size: texts per encoder forward pass.
         device: where the encoder runs (when it is built here).
     """
@@ -270,11 +271,15 @@ class EmbeddingJudge(Judge):
         self,
         encoder: SentenceEncoder | str | Path | None = None,
         *,
-        head: LogisticHead | None = None,
+        head: LogisticHead | str | Path | None = None,
         batch_size: int = 32,
         device: str | torch.device | None = None,
     ) -> None:
         super().__init__(batch_size=batch_size)
+        metrics: dict[str, float] = {}
+        if isinstance(head, (str, Path)):  # the folder of a saved judge (handy from the CLI)
+            saved = type(self).load(head, encoder=encoder, batch_size=batch_size, device=device)
+            encoder, head, metrics = saved.encoder, saved.head, saved.metrics
         self.encoder = encoder if isinstance(encoder, SentenceEncoder) else SentenceEncoder(encoder, device=device)
         self.tokenizer = self.encoder.tokenizer
         if head is not None and head.dim != self.encoder.dim:
@@ -283,7 +288,7 @@ class EmbeddingJudge(Judge):
                 f"{self.encoder.dim}: use the encoder the head was trained with"
             )
         self.head = head
-        self.metrics: dict[str, float] = {}
+        self.metrics: dict[str, float] = metrics
 
     @property
     def name(self) -> str:
