@@ -52,9 +52,9 @@ class RiskCallback(L.Callback):
         cache: cache cacheable estimators' scores (turn off to score every time).
         cache_path: JSON file for the cache, loaded if it exists and written at the end of every
             training epoch and at teardown (rank 0 only).
-        log_stats: log ``risk/scored`` (examples scored this step on this rank; 0 when all came
-            from the cache) and ``risk/failures`` (failed scores so far, each given risk 1) during
-            training. The module logs the risk itself (``train/risk_mean``).
+        log_stats: log, for this rank (no extra collective per step), ``risk/mean``,
+            ``risk/scored`` (examples scored this step; 0 when all came from the cache) and
+            ``risk/failures`` (failed scores so far, each given risk 1) during training.
 
     Example::
 
@@ -142,6 +142,7 @@ class RiskCallback(L.Callback):
         risk = self.fill(batch, pl_module)
         if self.log_stats:  # this rank's counts: no extra collective per step
             size = int(risk.numel())
+            pl_module.log("risk/mean", risk.mean(), batch_size=size)
             pl_module.log("risk/scored", float(self._last_scored), batch_size=size)
             pl_module.log("risk/failures", float(self.estimator.failures), batch_size=size)
 
