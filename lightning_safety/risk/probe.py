@@ -450,6 +450,18 @@ def _eval_loss(classifier: ProbeClassifier, loss_fn: nn.Module, x: Tensor, y: Te
         return float(loss_fn(classifier(x), y))
 
 
+def ranking_scores(classifier: ProbeClassifier, features: Tensor) -> Tensor:
+    """Logits [N] for ranking metrics (AUROC, recall at FPR): float32 sigmoids saturate to exactly
+    0 or 1 for confident probes, and the ties would distort the ranking."""
+    was_training = classifier.training
+    classifier.eval()
+    try:
+        with torch.no_grad():
+            return classifier(features).float()
+    finally:
+        classifier.train(was_training)
+
+
 def train_probe(
     features: Tensor,
     labels: Tensor,
@@ -538,7 +550,7 @@ def train_probe(
         "kind": kind,
         "n_train": int(train_idx.numel()),
         "n_val": int(val_idx.numel()),
-        "train_auroc": auroc(classifier.predict_proba(x_train), y_train),
+        "train_auroc": auroc(ranking_scores(classifier, x_train), y_train),
         "val_auroc": None,
         "val_accuracy": None,
         "train_loss_initial": initial_loss,
@@ -547,9 +559,8 @@ def train_probe(
         "epochs_run": epochs_run,
     }
     if has_val:
-        val_probs = classifier.predict_proba(x_val)
-        metrics["val_auroc"] = auroc(val_probs, y_val)
-        metrics["val_accuracy"] = accuracy(val_probs, y_val)
+        metrics["val_auroc"] = auroc(ranking_scores(classifier, x_val), y_val)
+        metrics["val_accuracy"] = accuracy(classifier.predict_proba(x_val), y_val)
     return classifier, metrics
 
 
@@ -960,7 +971,7 @@ def sweep(
             features, labels, kind="logistic", weight_decay=weight_decay,
             lr=lr, epochs=epochs, val_fraction=val_fraction, seed=seed,
         )
-        val_scores = classifier.predict_proba(features[val_idx])
+        val_scores = ranking_scores(classifier, features[val_idx])
         row = {
             "layer": layer,
             "pooling": pooling,
@@ -969,7 +980,7 @@ def sweep(
             "recall_at_1pct_fpr": recall_at_fpr(val_scores, labels[val_idx], 0.01) if val_idx.numel() else None,
             "recall_at_5pct_fpr": recall_at_fpr(val_scores, labels[val_idx], 0.05) if val_idx.numel() else None,
             "ood_auroc": {
-                name: auroc(classifier.predict_proba(combine_layers(pooled, used, pooling)), ood_labels)
+                name: auroc(ranking_scores(classifier, combine_layers(pooled, used, pooling)), ood_labels)
                 for name, (pooled, ood_labels) in ood_sets.items()
             },
         }
