@@ -619,7 +619,7 @@ def plot(rows: list[dict[str, Any]], path: Path, poolings: list[str]) -> None:
 
     figure = Figure(figsize=(13, 4.2))
     panels = [("id_test_auroc", "in-distribution (AdvBench/Alpaca held-out)"),
-              ("xstest_auroc", "OOD: XSTest unsafe vs safe"),
+              ("xstest_auroc", "OOD: XSTest unsafe vs safe (GSM8K dashed)"),
               ("criterion", "pseudo-OOD criterion (selection)")]
     colors = {"last": "tab:blue", "mean": "tab:orange", "mean_turn": "tab:green"}
     for k, (key, title) in enumerate(panels):
@@ -640,7 +640,7 @@ def plot(rows: list[dict[str, Any]], path: Path, poolings: list[str]) -> None:
         axes.set_ylabel("AUROC")
         axes.grid(alpha=0.3)
         if k == 1:
-            axes.legend(fontsize=7)
+            axes.legend(fontsize=6.5, loc="upper center", bbox_to_anchor=(0.5, 0.92), ncol=2)  # the empty band
     figure.suptitle("SmolLM2-135M-Instruct activation probes (logistic, weight decay 1e-2, AdvBench/Alpaca training)", fontsize=10)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
@@ -1071,6 +1071,21 @@ def write_summary(path, result, headline, judge_rows, rows, sweep_rows, layers_o
                  f"(>= 0.95: {'yes' if judge['id_test_auroc'] >= 0.95 else 'NO'})." if judge else ".") +
                  " Every table: `results/probe_sweep.md`; the layer plot: `results/probe_sweep.png`.\n")
     lines.append("![in-distribution, XSTest and criterion AUROC vs layer](results/probe_sweep.png)\n")
+    n_configs = len(rows)
+    same = paired["ci95"][0] <= 0 <= paired["ci95"][1]
+    bottom = ("**Bottom line.** In distribution every estimator is near perfect (held-out AUROC >= "
+              f"{min(r['id_test_auroc'] for r in rows):.3f} for all {n_configs} probe configurations) and GSM8K is no "
+              f"challenge (>= {min(r['gsm8k_auroc'] for r in rows):.3f}); XSTest is where they differ, and there all of them "
+              f"are weak: {min(r['xstest_auroc'] for r in rows):.3f}-{max(r['xstest_auroc'] for r in rows):.3f}. "
+              f"The configuration chosen without looking at XSTest reaches {headline['chosen']['xstest_auroc']:.3f}, "
+              + ("statistically indistinguishable from the library default " if same else
+                 ("better than " if paired["mean"] > 0 else "worse than ") + "the library default ")
+              + f"({headline['default']['xstest_auroc']:.3f}). The XSTest-best configuration (oracle) reaches "
+              f"{headline['oracle_deployable']['xstest_auroc']:.3f}, but it was picked out of {n_configs} on the test set "
+              "itself, so that number is optimistic.")
+    if judge_rows:
+        bottom += f" The EmbeddingJudge (base mix) reaches {judge_rows[0]['xstest_auroc']:.3f} on XSTest."
+    lines.append(bottom + "\n")
     lines += tried_section(rows, sweep_rows, layers_of, judge_rows, rank_corr, prob_gap, equivalence, headline, reference)
     path.write_text("\n".join(lines) + "\n")
 
@@ -1134,6 +1149,20 @@ def tried_section(rows, sweep_rows, layers_of, judge_rows, rank_corr, prob_gap, 
                 name = named({"pooling": spec[0], "layers": list(spec[1]), "combine": spec[2]})
                 out.append(f"   | {name} | {kind} | " + " | ".join(cells) + " |")
         out.append("")
+    flat = []
+    for r in reg:
+        if r["kind"] != "logistic" or r["weight_decay"] > 0.1:
+            continue
+        ref = [x for x in rows if (x["pooling"], x["layers"], x["combine"], x["kind"], x["mix"], x["balance"]) ==
+               (r["pooling"], r["layers"], r["combine"], "logistic", "base", True) and x["weight_decay"] == 1e-2]
+        if ref:
+            flat.append(abs(r["xstest_auroc"] - ref[0]["xstest_auroc"]))
+    if reg:
+        epochs = sorted(r["best_epoch"] for r in rows if r["kind"] == "logistic")
+        out.append(f"   Weight decay <= 0.1 changes a logistic probe's XSTest AUROC by at most {max(flat, default=0.0):.3f}: "
+                   f"`train_probe` uses AdamW's decoupled decay (shrink by lr x wd = 1e-2 x wd per step) and stops early "
+                   f"(median best epoch {epochs[len(epochs) // 2]}), so the default 1e-2 is practically no regularisation; "
+                   "1 and 10 are where it starts to act.\n")
     # 4. training mix
     mixed = [r for r in rows if r["stage"] == "mix"]
     if mixed:
