@@ -45,7 +45,7 @@ def main(args: Sequence[str] | None = None) -> None:
 def run_cli(args: Sequence[str] | None = None) -> SafetyCLI | Any:
     """Run the CLI from Python and return it (its ``trainer``, ``model`` and ``datamodule``).
 
-    ``probe fit``, ``probe sweep`` and ``score`` go to :mod:`lightning_safety.commands`.
+    ``probe fit``, ``probe sweep``, ``score`` and ``evaluate`` go to :mod:`lightning_safety.commands`.
     """
     argv = list(sys.argv[1:] if args is None else args)
     try:

@@ -3,6 +3,8 @@
 * ``lightning-safety probe fit``: train an activation probe on harmful vs benign prompts and save it.
 * ``lightning-safety probe sweep``: AUROC and recall at 1% / 5% FPR for every layer and pooling,
   in distribution and on out-of-distribution sets, as a markdown table, JSON and a PNG plot.
+* ``lightning-safety evaluate``: ASR, refusal, over-refusal and utility of a model (id, folder,
+  GGUF, alias or training checkpoint) on prompt sets; writes metrics.json, summary.md and plots.
 * ``lightning-safety score``: score a dataset once with a judge or a probe; write the scores as a
   ``risk`` column (JSONL) and/or as a risk cache that ``RiskCallback(cache_path=...)`` reuses.
 
@@ -14,56 +16,14 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lightning_safety.data.prompts import PromptSource, load_prompts
 from lightning_safety.errors import DataError
+from lightning_safety.evaluation.utility import UtilityTask
 from lightning_safety.paths import atomic_write_text
 from lightning_safety.risk.judges import Judge
-
-_TEXT_FIELDS = ("prompt", "goal", "instruction", "question", "text", "sentence")
-
-
-@dataclass(frozen=True)
-class PromptSource:
-    """Prompts from a file (.jsonl/.json/.csv/.tsv/.parquet) or a ``datasets`` name.
-
-    Args:
-        path: file, folder or hub dataset name.
-        field: the text column; default: the first of prompt, goal, instruction, question, text.
-        where: keep rows whose columns equal these values (e.g. ``{"label": "unsafe"}``).
-        split: split of a hub dataset.
-        name: configuration of a hub dataset.
-        limit: keep the first ``limit`` prompts (after filtering).
-    """
-
-    path: str
-    field: str | None = None
-    where: dict[str, str] | None = None
-    split: str = "train"
-    name: str | None = None
-    limit: int | None = None
-
-
-def load_prompts(source: PromptSource | str) -> list[str]:
-    """The non-empty prompt texts of a source."""
-    from lightning_safety.data.sources import load_records
-
-    if isinstance(source, str):
-        source = PromptSource(source)
-    rows = load_records(source.path, split=source.split, name=source.name)
-    if source.where:
-        rows = [row for row in rows if all(str(row.get(k)) == str(v) for k, v in source.where.items())]
-    if not rows:
-        raise DataError(f"no rows in {source.path} (after the filter {source.where}): check the path and the filter")
-    field = source.field or next((f for f in _TEXT_FIELDS if f in rows[0]), None)
-    if field is None or field not in rows[0]:
-        raise DataError(
-            f"{source.path} has no text field {source.field or _TEXT_FIELDS}: set field to one of {sorted(rows[0])}"
-        )
-    prompts = [str(row[field]).strip() for row in rows if row.get(field) is not None and str(row[field]).strip()]
-    return prompts[: source.limit] if source.limit is not None else prompts
 
 
 def _parse_layers(layers: str | list[int]) -> str | list[int]:
@@ -257,6 +217,79 @@ def score(
           f"{sum(scores) / max(len(scores), 1):.4f}" + (f"; cache {cache}" if cache else "") + (f"; rows {output}" if output else ""))
 
 
+def evaluate(
+    model: str,
+    output: str,
+    harmful: PromptSource | None = None,
+    safe: PromptSource | None = None,
+    utility: list[UtilityTask] | None = None,
+    adapter: str | None = None,
+    label: str | None = None,
+    dtype: str | None = None,
+    max_new_tokens: int = 64,
+    batch_size: int = 16,
+    system_prompt: str | None = None,
+    refusal_match: str = "anywhere",
+    judge: Judge | None = None,
+    judge_threshold: float = 0.5,
+    training_critic: list[str] | None = None,
+    plots: bool = True,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict[str, float]:
+    """Evaluate a model's safety and utility; write metrics.json, summary.md, samples and plots.
+
+    Args:
+        model: hub id, folder, GGUF file, alias, or a SafeFineTuning ``.ckpt``.
+        output: report folder (refused if it exists and is not empty, unless --overwrite).
+        harmful: harmful requests for ASR (e.g. ``--harmful.path advbench.csv --harmful.limit 64``).
+        safe: safe prompts that look unsafe, for over-refusal (e.g. XSTest with ``where={"label": "safe"}``).
+        utility: utility tasks (``--utility+ '{"path": "sst2_dev.tsv", "task": "sst2"}'``).
+        adapter: a saved PEFT adapter to put on the model.
+        label: the model's name in the report (default: the model argument's last part).
+        dtype: weights dtype.
+        max_new_tokens: tokens generated per response.
+        batch_size: prompts per generation batch.
+        system_prompt: system message before every prompt (default: the chat template's).
+        refusal_match: keyword rule: ``anywhere`` (GCG's) or ``start``.
+        judge: optional harm judge for a judged ASR beside the keyword ASR.
+        judge_threshold: harm score at or above which a response counts as harmful.
+        training_critic: names of the judges used as training-time critics; the report warns when the
+            evaluation judge is one of them.
+        plots: write PNG plots (needs matplotlib).
+        overwrite: replace an existing report folder.
+        progress: show a progress bar.
+    """
+    from lightning_safety.evaluation.generation import GenerationSettings
+    from lightning_safety.evaluation.loading import load_model_for_evaluation
+    from lightning_safety.evaluation.refusal import KeywordRefusal
+    from lightning_safety.evaluation.report import write_report
+    from lightning_safety.evaluation.runner import SafetyEvaluator, format_rate
+
+    target = Path(output)
+    if target.exists() and any(target.iterdir()) and not overwrite:
+        raise DataError(f"report folder {output} exists and is not empty: pass --overwrite or choose another --output")
+    evaluator = SafetyEvaluator(
+        harmful=harmful,
+        safe=safe,
+        utility=utility,
+        generation=GenerationSettings(max_new_tokens=max_new_tokens, batch_size=batch_size, system_prompt=system_prompt),
+        refusal=KeywordRefusal(match=refusal_match),  # type: ignore[arg-type]
+        judge=judge,
+        judge_threshold=judge_threshold,
+        critics=training_critic or [],
+    )
+    evaluator.load()  # data errors before the model loads
+    network, tokenizer = load_model_for_evaluation(model, adapter=adapter, dtype=dtype)
+    result = evaluator.evaluate(network, tokenizer, progress=progress)
+    name = label or Path(model.rstrip("/")).name
+    write_report({name: result}, target, overwrite=overwrite, plots=plots, extra={"model": model, "adapter": adapter})
+    for metric, report in result.rates.items():
+        print(f"{metric:<40} {format_rate(report)}")
+    print(f"report written to {target}")
+    return result.scalars()
+
+
 def _progress(steps: range, total: int, chunk: int, desc: str):
     try:
         from tqdm.auto import tqdm
@@ -269,11 +302,11 @@ def _progress(steps: range, total: int, chunk: int, desc: str):
             bar.update(min(chunk, total - start))
 
 
-COMMANDS = {"probe": {"fit": probe_fit, "sweep": probe_sweep}, "score": score}
+COMMANDS = {"probe": {"fit": probe_fit, "sweep": probe_sweep}, "score": score, "evaluate": evaluate}
 
 
 def run_command(args: Sequence[str]) -> Any:
-    """Run ``probe fit|sweep`` or ``score`` with jsonargparse (typed options, ``--help``, ``--config``)."""
+    """Run ``probe fit|sweep``, ``score`` or ``evaluate`` with jsonargparse (typed options, ``--help``, ``--config``)."""
     from jsonargparse import CLI
 
     return CLI(COMMANDS, args=list(args), as_positional=False)
@@ -283,4 +316,4 @@ def is_command(args: Sequence[str]) -> bool:
     return bool(args) and args[0] in COMMANDS
 
 
-__all__ = ["PromptSource", "load_prompts", "probe_fit", "probe_sweep", "score", "run_command", "is_command"]
+__all__ = ["PromptSource", "evaluate", "is_command", "load_prompts", "probe_fit", "probe_sweep", "run_command", "score"]

@@ -1,0 +1,211 @@
+"""Utility tasks: does the fine-tuned model still do useful work?
+
+Two kinds:
+
+* ``classification`` (SST-2 preset): each prompt has one of a few label words. Scored by default
+  from the model's log-likelihood of each label word as the start of its answer (``scoring="logits"``:
+  one forward per (prompt, label), no parsing of free text, stable for small models), or from a
+  short generation whose first label word is the prediction (``scoring="generation"``; no label word
+  = wrong).
+* ``exact_match`` (GSM8K preset): the final number of a generated answer against the reference's.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from lightning_safety.data.formatting import render_ids, resolve_pad_token_id
+from lightning_safety.errors import DataError
+from lightning_safety.evaluation.generation import GenerationSettings, prompt_messages
+from lightning_safety.models import eval_mode
+
+SST2_TEMPLATE = (
+    "Is the sentiment of this movie review positive or negative?\n\nReview: {text}\n\n"
+    "Answer with one word: positive or negative."
+)
+GSM8K_TEMPLATE = "{text}\n\nSolve the problem step by step and end with 'The answer is N.'"
+
+_PRESETS: dict[str, dict[str, Any]] = {
+    "sst2": {
+        "kind": "classification",
+        "prompt_field": "sentence",
+        "target_field": "label",
+        "labels": ["negative", "positive"],
+        "template": SST2_TEMPLATE,
+    },
+    "gsm8k": {
+        "kind": "exact_match",
+        "prompt_field": "question",
+        "target_field": "answer",
+        "template": GSM8K_TEMPLATE,
+        "max_new_tokens": 256,
+    },
+}
+
+
+@dataclass(frozen=True)
+class UtilityTask:
+    """A utility benchmark read from a file or ``datasets`` name.
+
+    Args:
+        path: the data (e.g. SST-2's ``dev.tsv``, GSM8K's ``test.jsonl``).
+        task: ``sst2`` or ``gsm8k`` (presets for fields, labels and prompt), or ``classification`` /
+            ``exact_match`` with the fields below.
+        name: the metric name (``utility/<name>``); default: the task.
+        limit: first ``limit`` rows (None: all).
+        prompt_field: the input column.
+        target_field: the answer column (classification: a label index or a label word).
+        labels: classification label words, in label-index order.
+        template: the user prompt, with ``{text}`` where the input goes.
+        scoring: classification from label ``logits`` or from ``generation``.
+        max_new_tokens: generation length for this task (default: the evaluation's).
+        split: split of a hub dataset.
+    """
+
+    path: str
+    task: Literal["sst2", "gsm8k", "classification", "exact_match"] = "classification"
+    name: str | None = None
+    limit: int | None = 200
+    prompt_field: str | None = None
+    target_field: str | None = None
+    labels: list[str] | None = None
+    template: str | None = None
+    scoring: Literal["logits", "generation"] = "logits"
+    max_new_tokens: int | None = None
+    split: str = "validation"
+
+
+@dataclass
+class LoadedUtilityTask:
+    """A utility task's prompts and targets, ready to score."""
+
+    name: str
+    kind: Literal["classification", "exact_match"]
+    prompts: list[str]
+    targets: list[Any]  # classification: label indices; exact_match: reference answers
+    labels: list[str] = field(default_factory=list)
+    scoring: str = "logits"
+    max_new_tokens: int | None = None
+
+
+def load_utility_task(task: UtilityTask) -> LoadedUtilityTask:
+    """Read a task's rows and turn them into prompts and targets (label indices or answers)."""
+    from lightning_safety.data.sources import load_records
+
+    preset = _PRESETS.get(task.task, {})
+    kind = preset.get("kind", task.task)
+    if kind not in ("classification", "exact_match"):
+        raise DataError(f"utility task={task.task!r} is invalid: use sst2, gsm8k, classification or exact_match")
+    prompt_field = task.prompt_field or preset.get("prompt_field")
+    target_field = task.target_field or preset.get("target_field")
+    labels = list(task.labels or preset.get("labels") or [])
+    template = task.template or preset.get("template") or "{text}"
+    if "{text}" not in template:
+        raise DataError(f"utility template {template!r} has no {{text}} placeholder: add one where the input goes")
+    if not prompt_field or not target_field:
+        raise DataError(f"utility task {task.path}: set prompt_field and target_field (or use task=sst2/gsm8k)")
+    if kind == "classification" and len(labels) < 2:
+        raise DataError(f"classification task {task.path} needs at least two label words in labels")
+    if task.limit is not None and int(task.limit) < 1:
+        raise DataError(f"utility limit={task.limit} is invalid: use a positive integer or None")
+    rows = load_records(task.path, split=task.split)
+    if not rows:
+        raise DataError(f"utility task {task.path} has no rows")
+    for column in (prompt_field, target_field):
+        if column not in rows[0]:
+            raise DataError(f"{task.path} has no column '{column}': use one of {sorted(rows[0])}")
+    rows = rows[: task.limit] if task.limit is not None else rows
+    prompts = [template.replace("{text}", str(row[prompt_field]).strip()) for row in rows]
+    if kind == "classification":
+        targets: list[Any] = [_label_index(row[target_field], labels, task.path) for row in rows]
+    else:
+        targets = [str(row[target_field]) for row in rows]
+    return LoadedUtilityTask(
+        name=task.name or task.task,
+        kind=kind,
+        prompts=prompts,
+        targets=targets,
+        labels=labels,
+        scoring=task.scoring,
+        max_new_tokens=task.max_new_tokens or preset.get("max_new_tokens"),
+    )
+
+
+def _label_index(value: Any, labels: list[str], path: str) -> int:
+    text = str(value).strip()
+    if text.lstrip("-").isdigit() and 0 <= int(text) < len(labels):
+        return int(text)
+    lowered = [label.lower() for label in labels]
+    if text.lower() in lowered:
+        return lowered.index(text.lower())
+    raise DataError(f"{path}: target {value!r} is neither a label index nor one of the labels {labels}")
+
+
+def parse_label(response: str, labels: Sequence[str]) -> int:
+    """Index of the label word that occurs first in ``response`` (whole words, any case); -1 if none."""
+    best, position = -1, None
+    for index, label in enumerate(labels):
+        match = re.search(rf"\b{re.escape(label.lower())}\b", response.lower())
+        if match and (position is None or match.start() < position):
+            best, position = index, match.start()
+    return best
+
+
+def _label_variants(label: str) -> list[str]:
+    return list(dict.fromkeys([label, label.capitalize(), label.lower()]))
+
+
+@torch.no_grad()
+def label_log_likelihoods(
+    model: nn.Module,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    labels: Sequence[str],
+    settings: GenerationSettings | None = None,
+) -> Tensor:
+    """float32 [N, C]: log P(label_c starts the answer | prompt_n) under the chat template.
+
+    A label's score is the log-sum-exp over its spellings (``positive``, ``Positive``), so the
+    prediction does not hinge on capitalisation. Sequences are right-padded (positions stay
+    natural) and run ``settings.batch_size`` at a time.
+    """
+    settings = settings or GenerationSettings()
+    variants = [_label_variants(label) for label in labels]
+    label_ids = [[tokenizer(v, add_special_tokens=False)["input_ids"] for v in group] for group in variants]
+    pad_id = resolve_pad_token_id(tokenizer)
+    device = next(model.parameters()).device
+    sequences: list[tuple[int, int, list[int], int]] = []  # (prompt, label, ids, prompt length)
+    for n, prompt in enumerate(prompts):
+        prefix = render_ids(
+            prompt_messages(prompt, settings.system_prompt), tokenizer, add_generation_prompt=True,
+            chat_template=settings.chat_template,
+        )
+        for c, group in enumerate(label_ids):
+            for ids in group:
+                sequences.append((n, c, prefix + list(ids), len(prefix)))
+    per_variant = torch.full((len(sequences),), float("-inf"))
+    with eval_mode(model):
+        for start in range(0, len(sequences), settings.batch_size):
+            chunk = sequences[start : start + settings.batch_size]
+            length = max(len(item[2]) for item in chunk)
+            ids = torch.full((len(chunk), length), pad_id, dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for i, (_, _, row, _) in enumerate(chunk):
+                ids[i, : len(row)] = torch.tensor(row)
+                mask[i, : len(row)] = 1
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
+            log_probs = torch.log_softmax(logits, dim=-1).cpu()
+            for i, (_, _, row, prompt_length) in enumerate(chunk):
+                positions = torch.arange(prompt_length - 1, len(row) - 1)
+                targets = torch.tensor(row[prompt_length:])
+                per_variant[start + i] = log_probs[i, positions, targets].sum()
+    scores = torch.full((len(prompts), len(labels)), float("-inf"))
+    for (n, c, _, _), value in zip(sequences, per_variant):
+        scores[n, c] = torch.logaddexp(scores[n, c], value)
+    return scores
