@@ -212,7 +212,7 @@ def _expected_rows_per_step(args: argparse.Namespace, config: str) -> int:
 def train_step(setup: Setup, config: str) -> None:
     """training_step -> backward -> optimizer step, with ``config``'s schedule and risk."""
     setup.module.schedule = setup.schedules[config]
-    loss = setup.module.training_step(setup.batches[config], 0)
+    loss = setup.module.training_step(setup.batches[config], 0)["loss"]
     loss.backward()
     setup.optimizer.step()
     setup.optimizer.zero_grad(set_to_none=True)

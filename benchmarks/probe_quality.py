@@ -970,7 +970,7 @@ def main() -> None:
         return [rename(r) for r in rows if r["stage"] == stage]
 
     sweep_md = [
-        f"# Activation probe sweep: in-distribution vs out-of-distribution AUROC\n",
+        "# Activation probe sweep: in-distribution vs out-of-distribution AUROC\n",
         f"Command: `{command}`; {env}. Total {total_seconds / 60:.1f} min.\n",
         "Training (base mix): AdvBench-train goals vs length-matched Alpaca-train instructions "
         f"({meta['info']['sizes']['adv_train']} + {meta['info']['sizes']['alp_train']}). "

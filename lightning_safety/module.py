@@ -324,7 +324,27 @@ class SafeFineTuning(L.LightningModule):
             "risk_mean": s["risk_sum"] / s["rows"],
         }
 
-    def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> Tensor:
+    def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> dict[str, Tensor]:
+        """One optimisation step's loss plus the per-example values it was computed from.
+
+        The returned dict is the per-example contract that callbacks read from the ``outputs`` of
+        ``on_train_batch_end`` (e.g. :class:`~lightning_safety.callbacks.audit.RiskAuditLog`).
+        Every entry but ``loss`` is a detached tensor of shape [B], one value per row of this
+        process's batch, in batch order:
+
+        * ``loss``: the scalar Lightning optimises (normalised by the global token count);
+        * ``risk``: the validated risk in [0, 1] the schedule was given;
+        * ``beta``: the KL weight of each row (``beta > 0`` rows are regularized);
+        * ``kl``: mean per-token KL to the reference (0 where ``beta == 0``: no reference forward);
+        * ``nll``: mean per-token NLL of the response;
+        * ``tokens``: number of response tokens (int64).
+
+        Example::
+
+            out = module.training_step(batch, 0)
+            out["loss"].backward()
+            risky = out["beta"] > 0
+        """
         out, risk, beta = self.compute_loss(batch, update_schedule=True)
         stats = self._global_sum(self._local_stats(out, risk, beta))
         world_size = 1 if self._trainer is None else self.trainer.world_size
@@ -336,7 +356,14 @@ class SafeFineTuning(L.LightningModule):
         self.log("train/loss", summary.pop("loss"), prog_bar=True, batch_size=batch_size)
         for name, value in summary.items():
             self.log(f"train/{name}", value, batch_size=batch_size)
-        return loss
+        return {
+            "loss": loss,
+            "risk": risk.detach(),
+            "beta": beta.detach(),
+            "kl": out.kl_per_example.detach(),
+            "nll": out.nll_per_example.detach(),
+            "tokens": out.tokens_per_example.detach(),
+        }
 
     def _accumulate_eval(self, batch: Mapping[str, Any]) -> None:
         out, risk, beta = self.compute_loss(batch, update_schedule=False)

@@ -44,7 +44,7 @@ def sequence_logprobs(logits: torch.Tensor, batch: dict) -> torch.Tensor:
 def one_step(module: SafeFineTuning, batch: dict) -> None:
     optimizer = module.configure_optimizers()
     module.train()
-    loss = module.training_step(batch, 0)
+    loss = module.training_step(batch, 0)["loss"]
     loss.backward()
     optimizer.step()
     optimizer.zero_grad()
