@@ -133,3 +133,23 @@ def test_label_scoring_from_logits_matches_a_manual_forward(tiny):
     torch.testing.assert_close(scores[0, 1], total, rtol=1e-4, atol=1e-4)
     assert parse_label("It is Positive, not negative.", ["negative", "positive"]) == 1
     assert parse_label("no idea", ["negative", "positive"]) == -1
+
+
+def test_content_free_calibration_removes_the_label_prior(tiny):
+    from lightning_safety.evaluation.utility import LoadedUtilityTask, calibrated_label_scores
+
+    model, tokenizer = tiny
+    labels = ["negative", "positive"]
+    task = LoadedUtilityTask(name="t", kind="classification", prompts=[], targets=[], labels=labels,
+                             template="Review: {text}")
+    prompts = ["Review: great", "Review: awful", "Review: fine"]
+    settings = GenerationSettings(batch_size=4)
+    raw = torch.log_softmax(label_log_likelihoods(model, tokenizer, prompts, labels, settings), dim=1)
+    prior = torch.log_softmax(label_log_likelihoods(model, tokenizer, task.content_free_prompts(), labels, settings), 1)
+    calibrated = calibrated_label_scores(model, tokenizer, task, prompts, settings)
+    torch.testing.assert_close(calibrated, raw - prior.mean(dim=0))
+    # The content-free inputs themselves then carry no preference on average.
+    centred = calibrated_label_scores(model, tokenizer, task, task.content_free_prompts(), settings)
+    torch.testing.assert_close(centred.mean(dim=0), torch.zeros(2), atol=1e-5, rtol=0)
+    task.calibration = "none"
+    torch.testing.assert_close(calibrated_label_scores(model, tokenizer, task, prompts, settings), raw)

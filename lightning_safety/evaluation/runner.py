@@ -31,7 +31,7 @@ from lightning_safety.evaluation.refusal import JudgeHarm, KeywordRefusal
 from lightning_safety.evaluation.utility import (
     LoadedUtilityTask,
     UtilityTask,
-    label_log_likelihoods,
+    calibrated_label_scores,
     load_utility_task,
     parse_label,
 )
@@ -286,7 +286,7 @@ class SafetyEvaluator:
         if task.kind == "classification":
             if task.scoring == "logits":
                 preds = (
-                    label_log_likelihoods(model, tokenizer, prompts, task.labels, self.generation).argmax(dim=1)
+                    calibrated_label_scores(model, tokenizer, task, prompts, self.generation).argmax(dim=1)
                     if prompts else torch.zeros(0, dtype=torch.long)
                 )
                 if bar is not None:

@@ -6,7 +6,11 @@ Two kinds:
   from the model's log-likelihood of each label word as the start of its answer (``scoring="logits"``:
   one forward per (prompt, label), no parsing of free text, stable for small models), or from a
   short generation whose first label word is the prediction (``scoring="generation"``; no label word
-  = wrong).
+  = wrong). Small models often prefer one label whatever the input (SmolLM2-135M-Instruct answers
+  "positive" to every SST-2 sentence: accuracy = the share of positive labels, which says nothing).
+  ``calibration="content_free"`` (the default for logits) removes that prior as in Zhao et al.
+  2021, "Calibrate Before Use": the label log-probabilities the model gives the template filled with
+  content-free inputs ("N/A", "", "[MASK]") are averaged and subtracted before the argmax.
 * ``exact_match`` (GSM8K preset): the final number of a generated answer against the reference's.
 """
 
@@ -29,6 +33,7 @@ SST2_TEMPLATE = (
     "Is the sentiment of this movie review positive or negative?\n\nReview: {text}\n\n"
     "Answer with one word: positive or negative."
 )
+CONTENT_FREE_INPUTS = ("N/A", "", "[MASK]")
 GSM8K_TEMPLATE = "{text}\n\nSolve the problem step by step and end with 'The answer is N.'"
 
 _PRESETS: dict[str, dict[str, Any]] = {
@@ -64,6 +69,8 @@ class UtilityTask:
         labels: classification label words, in label-index order.
         template: the user prompt, with ``{text}`` where the input goes.
         scoring: classification from label ``logits`` or from ``generation``.
+        calibration: with logits, ``content_free`` removes the model's label prior (see above);
+            ``none`` takes the raw argmax.
         max_new_tokens: generation length for this task (default: the evaluation's).
         split: split of a hub dataset.
     """
@@ -77,6 +84,7 @@ class UtilityTask:
     labels: list[str] | None = None
     template: str | None = None
     scoring: Literal["logits", "generation"] = "logits"
+    calibration: Literal["content_free", "none"] = "content_free"
     max_new_tokens: int | None = None
     split: str = "validation"
 
@@ -92,6 +100,12 @@ class LoadedUtilityTask:
     labels: list[str] = field(default_factory=list)
     scoring: str = "logits"
     max_new_tokens: int | None = None
+    calibration: str = "content_free"
+    template: str = "{text}"
+
+    def content_free_prompts(self) -> list[str]:
+        """The template filled with inputs that carry no content (for label-prior calibration)."""
+        return [self.template.replace("{text}", text) for text in CONTENT_FREE_INPUTS]
 
 
 def load_utility_task(task: UtilityTask) -> LoadedUtilityTask:
@@ -112,6 +126,8 @@ def load_utility_task(task: UtilityTask) -> LoadedUtilityTask:
         raise DataError(f"utility task {task.path}: set prompt_field and target_field (or use task=sst2/gsm8k)")
     if kind == "classification" and len(labels) < 2:
         raise DataError(f"classification task {task.path} needs at least two label words in labels")
+    if task.calibration not in ("content_free", "none"):
+        raise DataError(f"utility calibration={task.calibration!r} is invalid: use 'content_free' or 'none'")
     if task.limit is not None and int(task.limit) < 1:
         raise DataError(f"utility limit={task.limit} is invalid: use a positive integer or None")
     rows = load_records(task.path, split=task.split)
@@ -134,6 +150,8 @@ def load_utility_task(task: UtilityTask) -> LoadedUtilityTask:
         labels=labels,
         scoring=task.scoring,
         max_new_tokens=task.max_new_tokens or preset.get("max_new_tokens"),
+        calibration=task.calibration,
+        template=template,
     )
 
 
@@ -208,4 +226,19 @@ def label_log_likelihoods(
     scores = torch.full((len(prompts), len(labels)), float("-inf"))
     for (n, c, _, _), value in zip(sequences, per_variant):
         scores[n, c] = torch.logaddexp(scores[n, c], value)
+    return scores
+
+
+def calibrated_label_scores(
+    model: nn.Module,
+    tokenizer: Any,
+    task: LoadedUtilityTask,
+    prompts: Sequence[str],
+    settings: GenerationSettings | None = None,
+) -> Tensor:
+    """float32 [N, C] label scores of ``prompts``, with the label prior removed if the task asks for it."""
+    scores = torch.log_softmax(label_log_likelihoods(model, tokenizer, prompts, task.labels, settings), dim=1)
+    if task.calibration == "content_free":
+        prior = label_log_likelihoods(model, tokenizer, task.content_free_prompts(), task.labels, settings)
+        scores = scores - torch.log_softmax(prior, dim=1).mean(dim=0)
     return scores
