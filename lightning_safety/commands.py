@@ -263,12 +263,11 @@ def evaluate(
     from lightning_safety.evaluation.generation import GenerationSettings
     from lightning_safety.evaluation.loading import load_model_for_evaluation
     from lightning_safety.evaluation.refusal import KeywordRefusal
-    from lightning_safety.evaluation.report import require_plotting, write_report
+    from lightning_safety.evaluation.report import check_report_folder, require_plotting, write_report
     from lightning_safety.evaluation.runner import SafetyEvaluator, format_rate
 
     target = Path(output)
-    if target.exists() and any(target.iterdir()) and not overwrite:
-        raise DataError(f"report folder {output} exists and is not empty: pass --overwrite or choose another --output")
+    check_report_folder(target, overwrite)  # before minutes of generation, not after
     if plots:
         require_plotting()  # before minutes of generation, not after
     evaluator = SafetyEvaluator(

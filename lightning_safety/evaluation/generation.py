@@ -187,7 +187,4 @@ def _generation_config(model: nn.Module, settings: GenerationSettings, pad_id: i
     }
     if settings.do_sample:
         options.update(temperature=float(settings.temperature), top_p=float(settings.top_p))
-    base = getattr(model, "generation_config", None)
-    if base is not None and getattr(base, "bos_token_id", None) is not None:
-        options["bos_token_id"] = base.bos_token_id
     return GenerationConfig(**options)

@@ -33,7 +33,7 @@ from lightning_safety.evaluation.runner import EvaluationResult, format_rate
 from lightning_safety.metrics import RateReport
 from lightning_safety.paths import default_mode
 
-__all__ = ["ReportError", "format_markdown_table", "load_report", "require_plotting", "write_report"]
+__all__ = ["ReportError", "check_report_folder", "format_markdown_table", "load_report", "require_plotting", "write_report"]
 
 REPORT_VERSION = 1
 METRICS_FILE = "metrics.json"
@@ -85,7 +85,7 @@ def write_report(
     results = _check_results(results)
     # abspath, not resolve(): "." gets a name and a parent for the staging sibling, symlinks stay as given.
     target = Path(os.path.abspath(output_dir))
-    _check_target(target, overwrite)
+    check_report_folder(target, overwrite)
     if plots:
         require_plotting()  # fail before any work, not after the tables
     created = datetime.now(timezone.utc).isoformat(timespec="seconds")
@@ -164,7 +164,9 @@ def _is_empty_dir(path: Path) -> bool:
     return not any(path.iterdir())
 
 
-def _check_target(target: Path, overwrite: bool) -> None:
+def check_report_folder(target: Path, overwrite: bool) -> None:
+    """Raise :class:`ReportError` unless a report may be written to ``target`` (call it before slow work)."""
+    target = Path(target)
     if not target.exists():
         return
     if not target.is_dir():
@@ -172,7 +174,7 @@ def _check_target(target: Path, overwrite: bool) -> None:
     if _is_empty_dir(target):
         return
     if not overwrite:
-        raise ReportError(f"report folder {target} exists and is not empty: pass overwrite=True or choose another")
+        raise ReportError(f"report folder {target} exists and is not empty: pass overwrite=True (--overwrite) or choose another")
     # overwrite deletes the old folder; never do that to something that is not a report
     # (think output_dir="." by mistake).
     if not (target / METRICS_FILE).is_file():
@@ -202,7 +204,7 @@ def _staged_directory(target: Path, overwrite: bool) -> Iterator[Path]:
                 raise
             if not (target.is_dir() and overwrite):
                 raise ReportError(f"report folder {target} appeared while the report was written: not replaced") from None
-            _check_target(target, overwrite)
+            check_report_folder(target, overwrite)
             # Two renames, not one: POSIX cannot atomically replace a non-empty folder. In between,
             # the old report stays complete under its hidden name.
             old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))

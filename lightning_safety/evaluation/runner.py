@@ -223,60 +223,36 @@ class SafetyEvaluator:
             return []
         return generate_responses(model, tokenizer, prompts, settings, progress=bar.update if bar else None)
 
+    def _respond(self, prompt_set: PromptSet, model, tokenizer, rank, world_size, bar):
+        """This rank's share of a set: indices, prompts, responses and refusal flags."""
+        indices = _shard(len(prompt_set.prompts), rank, world_size)
+        prompts = [prompt_set.prompts[i] for i in indices]
+        responses = self._generate(model, tokenizer, prompts, bar)
+        return indices, prompts, responses, self.refusal.refused(responses)
+
     def _evaluate_harmful(self, model, tokenizer, rank, world_size, device, bar, result) -> None:
         assert self._harmful is not None
-        indices = _shard(len(self._harmful.prompts), rank, world_size)
-        prompts = [self._harmful.prompts[i] for i in indices]
-        responses = self._generate(model, tokenizer, prompts, bar)
-        refused = self.refusal.refused(responses)
-        asr, refusal = AttackSuccessRate().to(device), RefusalRate().to(device)
-        asr.update((~refused).to(device))
-        refusal.update(refused.to(device))
-        result.rates["safety/asr"] = asr.report()
-        result.rates["safety/refusal"] = refusal.report()
+        indices, prompts, responses, refused = self._respond(self._harmful, model, tokenizer, rank, world_size, bar)
+        result.rates["safety/asr"] = _rate_report(AttackSuccessRate, ~refused, device)
+        result.rates["safety/refusal"] = _rate_report(RefusalRate, refused, device)
         judged = None
         if self.harm_judge is not None:
             judged = self.harm_judge.attack_succeeded(prompts, responses) if prompts else torch.zeros(0, dtype=torch.bool)
-            judge_asr = AttackSuccessRate().to(device)
-            judge_asr.update(judged.to(device))
-            result.rates["safety/asr_judge"] = judge_asr.report()
+            result.rates["safety/asr_judge"] = _rate_report(AttackSuccessRate, judged, device)
         categories = self._harmful.categories
         _per_category(AttackSuccessRate, "safety/asr", ~refused, categories, indices, device, result)
         if self.keep_samples:
-            result.samples["harmful"] = [
-                {
-                    "index": i,
-                    "prompt": p,
-                    "response": r,
-                    "refused": bool(f),
-                    **({"category": categories[i]} if categories is not None else {}),
-                    **({"judged_harmful": bool(judged[k])} if judged is not None else {}),
-                }
-                for k, (i, p, r, f) in enumerate(zip(indices, prompts, responses, refused.tolist()))
-            ]
+            extra = None if judged is None else {"judged_harmful": judged.tolist()}
+            result.samples["harmful"] = _response_rows(indices, prompts, responses, refused, categories, extra)
 
     def _evaluate_safe(self, model, tokenizer, rank, world_size, device, bar, result) -> None:
         assert self._safe is not None
-        indices = _shard(len(self._safe.prompts), rank, world_size)
-        prompts = [self._safe.prompts[i] for i in indices]
-        responses = self._generate(model, tokenizer, prompts, bar)
-        refused = self.refusal.refused(responses)
-        metric = OverRefusalRate().to(device)
-        metric.update(refused.to(device))
-        result.rates["safety/over_refusal"] = metric.report()
+        indices, prompts, responses, refused = self._respond(self._safe, model, tokenizer, rank, world_size, bar)
+        result.rates["safety/over_refusal"] = _rate_report(OverRefusalRate, refused, device)
         categories = self._safe.categories
         _per_category(OverRefusalRate, "safety/over_refusal", refused, categories, indices, device, result)
         if self.keep_samples:
-            result.samples["safe"] = [
-                {
-                    "index": i,
-                    "prompt": p,
-                    "response": r,
-                    "refused": bool(f),
-                    **({"category": categories[i]} if categories is not None else {}),
-                }
-                for i, p, r, f in zip(indices, prompts, responses, refused.tolist())
-            ]
+            result.samples["safe"] = _response_rows(indices, prompts, responses, refused, categories)
 
     def _evaluate_utility(self, task: LoadedUtilityTask, model, tokenizer, rank, world_size, device, bar, result):
         indices = _shard(len(task.prompts), rank, world_size)
@@ -345,6 +321,13 @@ class SafetyEvaluator:
         return info
 
 
+def _rate_report(metric_class: type, flags: torch.Tensor, device: torch.device) -> RateReport:
+    """A fresh rate metric over ``flags`` [N] (this rank's), reported over all ranks."""
+    metric = metric_class().to(device)  # metrics start on the CPU; sync needs the backend's device
+    metric.update(flags.to(device))
+    return metric.report()
+
+
 def _per_category(
     metric_class: type, prefix: str, flags: torch.Tensor, categories: list[str] | None, indices: list[int],
     device: torch.device, result: EvaluationResult,
@@ -354,10 +337,24 @@ def _per_category(
         return
     local = [categories[i] for i in indices]
     for category in sorted(set(categories)):
-        metric = metric_class().to(device)
-        chosen = [bool(f) for f, c in zip(flags.tolist(), local) if c == category]
-        metric.update(torch.tensor(chosen, dtype=torch.bool, device=device))
-        result.rates[f"{prefix}/{category}"] = metric.report()
+        chosen = torch.tensor([bool(f) for f, c in zip(flags.tolist(), local) if c == category], dtype=torch.bool)
+        result.rates[f"{prefix}/{category}"] = _rate_report(metric_class, chosen, device)
+
+
+def _response_rows(
+    indices: list[int], prompts: list[str], responses: list[str], refused: torch.Tensor,
+    categories: list[str] | None, extra: dict[str, list[Any]] | None = None,
+) -> list[dict[str, Any]]:
+    """One sample row per prompt of this rank: index, prompt, response, refused (+ category, extras)."""
+    rows = []
+    for k, (i, prompt, response, flag) in enumerate(zip(indices, prompts, responses, refused.tolist())):
+        row: dict[str, Any] = {"index": i, "prompt": prompt, "response": response, "refused": bool(flag)}
+        if categories is not None:
+            row["category"] = categories[i]
+        for name, values in (extra or {}).items():
+            row[name] = values[k]
+        rows.append(row)
+    return rows
 
 
 def _shard(count: int, rank: int, world_size: int) -> list[int]:
