@@ -58,7 +58,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from lightning_safety.alignment import DEFAULT_REFUSALS, build_aligned_reference  # noqa: E402
+from lightning_safety.alignment import DEFAULT_REFUSALS, AlignmentSettings, build_aligned_reference  # noqa: E402
 from lightning_safety.data.prompts import PromptSource  # noqa: E402
 from lightning_safety.evaluation.generation import GenerationSettings  # noqa: E402
 from lightning_safety.evaluation.report import format_markdown_table, write_report  # noqa: E402
@@ -283,13 +283,14 @@ def main() -> None:
     harmful_test = [advbench[i] for i in eval_harmful_ids]
 
     lora = LoraSettings(r=args.lora_r, alpha=2 * args.lora_r, dropout=0.05, target_modules="all-linear")
-    align_options = dict(epochs=args.epochs, lr=args.lr, lora=lora, max_length=args.max_length,
-                         batch_size=args.batch_size, seed=args.seed, generation_batch_size=args.generation_batch_size)
+    settings = AlignmentSettings(epochs=args.epochs, lr=args.lr, lora=lora, max_length=args.max_length,
+                                 batch_size=args.batch_size, seed=args.seed,
+                                 generation_batch_size=args.generation_batch_size)
     log(f"aligning {args.model}: {len(harmful_train)} harmful + {len(benign_train)} benign prompts, "
         f"{args.epochs} epochs, lr {args.lr}, LoRA r={args.lora_r}")
     started = time.perf_counter()
-    folder = build_aligned_reference(args.model, harmful_train, benign_train, cache_dir=args.cache_dir,
-                                     progress=True, **align_options)
+    folder = build_aligned_reference(args.model, harmful_train, benign_train, settings, cache_dir=args.cache_dir,
+                                     progress=True)
     align_wall = time.perf_counter() - started
     align_info = json.loads((folder / "alignment.json").read_text())
     # A folder written before this run started was reused from the cache (nothing was trained now).

@@ -40,7 +40,7 @@ import tempfile
 import time
 import warnings
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +55,7 @@ from lightning_safety.paths import atomic_directory, cache_root
 
 __all__ = [
     "ALIGNMENT_VERSION",
+    "AlignmentSettings",
     "DEFAULT_REFUSALS",
     "AlignmentError",
     "align_with_refusals",
@@ -121,26 +122,71 @@ def _clean_inputs(harmful_prompts: Sequence[str], benign_prompts: Sequence[str])
     return harmful, benign
 
 
-def _check_settings(
-    *, refusal_texts: Sequence[str], epochs: int, lr: float, max_length: int, batch_size: int,
-    max_new_tokens_benign: int | None, generation_batch_size: int, lora: LoraSettings,
-) -> list[str]:
-    if isinstance(refusal_texts, str):
-        raise AlignmentError("refusal_texts must be a list of refusal sentences, got one string: wrap it in a list")
-    refusals = [str(text).strip() for text in refusal_texts]
-    if not refusals or not all(refusals):
-        raise AlignmentError("refusal_texts must hold at least one non-empty refusal sentence")
-    for name, value in (("epochs", epochs), ("max_length", max_length), ("batch_size", batch_size),
-                        ("generation_batch_size", generation_batch_size)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise AlignmentError(f"{name}={value!r} is invalid: use a positive integer")
-    if max_new_tokens_benign is not None and (not isinstance(max_new_tokens_benign, int) or max_new_tokens_benign < 1):
-        raise AlignmentError(f"max_new_tokens_benign={max_new_tokens_benign!r} is invalid: use a positive integer or None")
-    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not (math.isfinite(lr) and lr > 0):
-        raise AlignmentError(f"lr={lr!r} is invalid: use a positive, finite learning rate")
-    if not isinstance(lora, LoraSettings):
-        raise AlignmentError(f"lora must be a LoraSettings, got {type(lora).__name__}")
-    return list(dict.fromkeys(refusals))
+@dataclass(frozen=True)
+class AlignmentSettings:
+    """How the quick refusal SFT is run (validated on construction; part of the cache key).
+
+    Args:
+        refusal_texts: the refusal sentences to train on, spread evenly over the harmful prompts.
+        epochs: passes over the training rows.
+        lr: AdamW learning rate of the LoRA weights (constant; gradients clipped at norm 1).
+        lora: the adapter trained and then merged.
+        max_length: tokens per training row (longer rows lose their end).
+        batch_size: rows per optimizer step.
+        seed: seeds the refusal assignment, the LoRA initialisation, dropout and the data order.
+        max_new_tokens_benign: length of the benign answers generated as targets. Default: just
+            enough that an answer the cap cut off is, with its prompt, always longer than
+            ``max_length`` (``max_length`` minus the shortest rendered benign prompt, plus a margin
+            of :data:`_CAP_MARGIN` tokens for re-tokenisation); truncation then drops the end-of-turn
+            token of every unfinished answer, so the model is never taught to stop in mid-answer,
+            and no token is generated that training would cut away.
+        generation_batch_size: prompts per ``generate`` call for the benign answers.
+    """
+
+    refusal_texts: Sequence[str] = DEFAULT_REFUSALS
+    epochs: int = 3
+    lr: float = 5e-4
+    lora: LoraSettings = field(default_factory=lambda: replace(DEFAULT_LORA))
+    max_length: int = 128
+    batch_size: int = 8
+    seed: int = 0
+    max_new_tokens_benign: int | None = None
+    generation_batch_size: int = 16
+
+    def __post_init__(self) -> None:
+        if isinstance(self.refusal_texts, str):
+            raise AlignmentError("refusal_texts must be a list of refusal sentences, got one string: wrap it in a list")
+        refusals = [str(text).strip() for text in self.refusal_texts]
+        if not refusals or not all(refusals):
+            raise AlignmentError("refusal_texts must hold at least one non-empty refusal sentence")
+        object.__setattr__(self, "refusal_texts", tuple(dict.fromkeys(refusals)))
+        for name in ("epochs", "max_length", "batch_size", "generation_batch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise AlignmentError(f"{name}={value!r} is invalid: use a positive integer")
+        cap = self.max_new_tokens_benign
+        if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int) or cap < 1):
+            raise AlignmentError(f"max_new_tokens_benign={cap!r} is invalid: use a positive integer or None")
+        lr = self.lr
+        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not (math.isfinite(lr) and lr > 0):
+            raise AlignmentError(f"lr={lr!r} is invalid: use a positive, finite learning rate")
+        if not isinstance(self.lora, LoraSettings):
+            raise AlignmentError(f"lora must be a LoraSettings, got {type(self.lora).__name__}")
+
+    def key_fields(self, dtype: str | None) -> dict[str, Any]:
+        """What of the settings changes the aligned weights (for :func:`alignment_key`)."""
+        return {
+            "refusal_texts": list(self.refusal_texts),
+            "epochs": self.epochs,
+            "lr": float(self.lr),
+            "lora": asdict(self.lora),
+            "max_length": self.max_length,
+            "batch_size": self.batch_size,
+            "seed": self.seed,
+            "max_new_tokens_benign": self.max_new_tokens_benign or "auto",  # auto: a function of the hashed inputs
+            "dtype": dtype,
+            # generation_batch_size is left out: greedy answers do not depend on it (left padding).
+        }
 
 
 # --------------------------------------------------------------------------------------------
@@ -210,16 +256,8 @@ def align_with_refusals(
     tokenizer: Any,
     harmful_prompts: Sequence[str],
     benign_prompts: Sequence[str],
+    settings: AlignmentSettings | None = None,
     *,
-    refusal_texts: Sequence[str] = DEFAULT_REFUSALS,
-    epochs: int = 3,
-    lr: float = 5e-4,
-    lora: LoraSettings = DEFAULT_LORA,
-    max_length: int = 128,
-    batch_size: int = 8,
-    seed: int = 0,
-    max_new_tokens_benign: int | None = None,
-    generation_batch_size: int = 16,
     progress: bool = False,
     records: list[dict[str, Any]] | None = None,
 ) -> nn.Module:
@@ -235,20 +273,7 @@ def align_with_refusals(
         tokenizer: its tokenizer (with a chat template), or a name for :func:`~lightning_safety.models.load_tokenizer`.
         harmful_prompts: requests the aligned model must refuse (de-duplicated).
         benign_prompts: requests it must keep answering as before (de-duplicated).
-        refusal_texts: the refusal sentences to train on, spread evenly over the harmful prompts.
-        epochs: passes over the training rows.
-        lr: AdamW learning rate of the LoRA weights (constant; gradients clipped at norm 1).
-        lora: the adapter trained and then merged.
-        max_length: tokens per training row (longer rows lose their end).
-        batch_size: rows per optimizer step.
-        seed: seeds the refusal assignment, the LoRA initialisation, dropout and the data order.
-        max_new_tokens_benign: length of the benign answers generated as targets. Default: just
-            enough that an answer the cap cut off is, with its prompt, always longer than
-            ``max_length`` (``max_length`` minus the shortest rendered benign prompt, plus a margin
-            of :data:`_CAP_MARGIN` tokens for re-tokenisation); truncation then drops the end-of-turn
-            token of every unfinished answer, so the model is never taught to stop in mid-answer,
-            and no token is generated that training would cut away.
-        generation_batch_size: prompts per ``generate`` call for the benign answers.
+        settings: epochs, learning rate, LoRA, lengths, refusal texts, seed (:class:`AlignmentSettings`).
         progress: show progress bars.
         records: if given, a list that receives the training rows of :func:`build_alignment_records`
             (its contents are replaced), so callers can keep or inspect them.
@@ -264,10 +289,7 @@ def align_with_refusals(
     from lightning_safety.module import SafeFineTuning
 
     harmful, benign = _clean_inputs(harmful_prompts, benign_prompts)
-    refusals = _check_settings(
-        refusal_texts=refusal_texts, epochs=epochs, lr=lr, max_length=max_length, batch_size=batch_size,
-        max_new_tokens_benign=max_new_tokens_benign, generation_batch_size=generation_batch_size, lora=lora,
-    )
+    settings = settings or AlignmentSettings()
     if isinstance(tokenizer, str):
         tokenizer = load_tokenizer(tokenizer)
     if tokenizer is None:
@@ -278,28 +300,28 @@ def align_with_refusals(
 
     with torch.random.fork_rng(devices=[]):
         # Seeded inside a forked RNG: reproducible LoRA init and dropout without changing the caller's RNG.
-        torch.manual_seed(seed)
+        torch.manual_seed(settings.seed)
+        cap = settings.max_new_tokens_benign or _benign_token_cap(tokenizer, benign, settings.max_length)
         rows = build_alignment_records(
-            policy, tokenizer, harmful, benign, refusal_texts=refusals, seed=seed,
-            max_new_tokens_benign=max_new_tokens_benign or _benign_token_cap(tokenizer, benign, max_length),
-            generation_batch_size=generation_batch_size, progress=progress,
+            policy, tokenizer, harmful, benign, refusal_texts=settings.refusal_texts, seed=settings.seed,
+            max_new_tokens_benign=cap, generation_batch_size=settings.generation_batch_size, progress=progress,
         )
         if records is not None:
             records[:] = rows
-        data = ChatSFTDataModule(train=rows, tokenizer=tokenizer, max_length=max_length, batch_size=batch_size,
-                                 seed=seed)
+        data = ChatSFTDataModule(train=rows, tokenizer=tokenizer, max_length=settings.max_length,
+                                 batch_size=settings.batch_size, seed=settings.seed)
         module = SafeFineTuning(
             policy,
-            lora=lora,
+            lora=settings.lora,
             reference="adapter_disabled",  # never consulted: beta = 0 skips the reference forward
             schedule=ConstantBeta(0.0),
-            optimizer=lambda params: torch.optim.AdamW(params, lr=lr),
+            optimizer=lambda params: torch.optim.AdamW(params, lr=settings.lr),
         )
         with tempfile.TemporaryDirectory(prefix="lightning-safety-align-") as root, _quiet(not progress):
             trainer = L.Trainer(
                 accelerator="cpu",
                 devices=1,
-                max_epochs=epochs,
+                max_epochs=settings.epochs,
                 logger=False,
                 enable_checkpointing=False,
                 enable_progress_bar=progress,
@@ -399,16 +421,8 @@ def build_aligned_reference(
     model_name: str,
     harmful_prompts: Sequence[str],
     benign_prompts: Sequence[str],
+    settings: AlignmentSettings | None = None,
     *,
-    refusal_texts: Sequence[str] = DEFAULT_REFUSALS,
-    epochs: int = 3,
-    lr: float = 5e-4,
-    lora: LoraSettings = DEFAULT_LORA,
-    max_length: int = 128,
-    batch_size: int = 8,
-    seed: int = 0,
-    max_new_tokens_benign: int | None = None,
-    generation_batch_size: int = 16,
     dtype: str | None = None,
     cache_dir: str | Path | None = None,
     progress: bool = False,
@@ -420,7 +434,7 @@ def build_aligned_reference(
 
     The folder is ``<cache_dir>/<key>`` (default ``cache_root()/aligned/<key>``), with ``key`` from
     :func:`alignment_key`. If it exists it is returned at once, without training; otherwise the model
-    is aligned with :func:`align_with_refusals` (same arguments) and saved with its tokenizer,
+    is aligned with :func:`align_with_refusals` (same settings) and saved with its tokenizer,
     ``alignment.json`` (settings, sizes, seconds) and ``records.jsonl`` (the training rows), all
     written into a temporary folder that is renamed into place only when complete.
 
@@ -430,23 +444,8 @@ def build_aligned_reference(
     if not isinstance(model_name, str) or not model_name.strip():
         raise AlignmentError(f"model_name={model_name!r} is invalid: give a model name, folder or alias")
     harmful, benign = _clean_inputs(harmful_prompts, benign_prompts)
-    refusals = _check_settings(
-        refusal_texts=refusal_texts, epochs=epochs, lr=lr, max_length=max_length, batch_size=batch_size,
-        max_new_tokens_benign=max_new_tokens_benign, generation_batch_size=generation_batch_size, lora=lora,
-    )
-    settings = {
-        "refusal_texts": refusals,
-        "epochs": epochs,
-        "lr": float(lr),
-        "lora": asdict(lora),
-        "max_length": max_length,
-        "batch_size": batch_size,
-        "seed": seed,
-        "max_new_tokens_benign": max_new_tokens_benign or "auto",  # auto: a function of the inputs hashed here
-        "dtype": dtype,
-        # generation_batch_size is left out: greedy answers do not depend on it (left padding).
-    }
-    key = alignment_key(model_name, harmful, benign, settings)
+    settings = settings or AlignmentSettings()
+    key = alignment_key(model_name, harmful, benign, settings.key_fields(dtype))
     root = Path(cache_dir).expanduser() if cache_dir is not None else cache_root() / "aligned"
     target = root / key
     if (target / _INFO_FILE).is_file() and (target / "config.json").is_file():
@@ -455,17 +454,13 @@ def build_aligned_reference(
     tokenizer = load_tokenizer(model_name)
     base = load_causal_lm(model_name, dtype=dtype)
     rows: list[dict[str, Any]] = []
-    aligned = align_with_refusals(
-        base, tokenizer, harmful, benign, refusal_texts=refusals, epochs=epochs, lr=lr, lora=lora,
-        max_length=max_length, batch_size=batch_size, seed=seed, max_new_tokens_benign=max_new_tokens_benign,
-        generation_batch_size=generation_batch_size, progress=progress, records=rows,
-    )
+    aligned = align_with_refusals(base, tokenizer, harmful, benign, settings, progress=progress, records=rows)
     info = {
         "what": "quick refusal SFT standing in for a vendor's safety training (lightning_safety.alignment)",
         "version": ALIGNMENT_VERSION,
         "key": key,
         "model": _model_fingerprint(model_name),
-        "settings": settings,
+        "settings": settings.key_fields(dtype),
         "sizes": {
             "harmful_prompts": len(harmful),
             "benign_prompts": len(benign),

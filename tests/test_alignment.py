@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from collections import Counter
 
 import pytest
@@ -11,6 +12,7 @@ import torch
 from lightning_safety import alignment
 from lightning_safety.alignment import (
     AlignmentError,
+    AlignmentSettings,
     align_with_refusals,
     build_aligned_reference,
     build_alignment_records,
@@ -36,8 +38,8 @@ REFUSALS = ("I cannot help.", "I'm sorry, no.")
 BENIGN_TOKENS = 12
 GENERATE = GenerationSettings(max_new_tokens=24)
 # A high lr and many epochs: on the random model nothing is learnt otherwise (60 x 1 step of 8 rows ~ 2 s).
-FAST = dict(refusal_texts=REFUSALS, lr=1e-2, lora=LoraSettings(r=8, alpha=16, dropout=0.0), max_length=96,
-            batch_size=8, max_new_tokens_benign=BENIGN_TOKENS)
+FAST = AlignmentSettings(refusal_texts=REFUSALS, lr=1e-2, lora=LoraSettings(r=8, alpha=16, dropout=0.0),
+                         max_length=96, batch_size=8, max_new_tokens_benign=BENIGN_TOKENS)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -60,7 +62,7 @@ def test_aligned_model_refuses_the_training_requests_and_keeps_its_own_benign_an
     before = generate_responses(model, tokenizer, HARMFUL, GENERATE)
     own_benign = generate_responses(model, tokenizer, BENIGN, GenerationSettings(max_new_tokens=BENIGN_TOKENS))
     records: list[dict] = []
-    aligned = align_with_refusals(model, tokenizer, HARMFUL, BENIGN, epochs=60, records=records, **FAST)
+    aligned = align_with_refusals(model, tokenizer, HARMFUL, BENIGN, replace(FAST, epochs=60), records=records)
 
     after = generate_responses(aligned, tokenizer, HARMFUL, GENERATE)
     assert after != before  # it really changed (the random model never says these by chance)
@@ -121,9 +123,9 @@ def test_aligned_folder_is_cached_and_rebuilt_for_other_inputs(tiny_model_dir, t
         return original(*args, **kwargs)
 
     monkeypatch.setattr(alignment, "align_with_refusals", counting)
-    options = dict(FAST, epochs=1, cache_dir=tmp_path)
+    settings = replace(FAST, epochs=1)
     name = str(tiny_model_dir)
-    first = build_aligned_reference(name, HARMFUL, BENIGN, **options)
+    first = build_aligned_reference(name, HARMFUL, BENIGN, settings, cache_dir=tmp_path)
     assert len(calls) == 1
     for file in ("config.json", "model.safetensors", "tokenizer.json", "alignment.json", "records.jsonl"):
         assert (first / file).is_file(), file
@@ -136,20 +138,20 @@ def test_aligned_folder_is_cached_and_rebuilt_for_other_inputs(tiny_model_dir, t
 
     # Same inputs (up to whitespace and duplicates): the folder is reused, nothing is trained.
     stamp = (first / "model.safetensors").stat().st_mtime_ns
-    again = build_aligned_reference(name, [f" {HARMFUL[0]} ", *HARMFUL], BENIGN, **options)
+    again = build_aligned_reference(name, [f" {HARMFUL[0]} ", *HARMFUL], BENIGN, settings, cache_dir=tmp_path)
     assert again == first and len(calls) == 1
     assert (first / "model.safetensors").stat().st_mtime_ns == stamp
 
     # Other prompts or other settings: another folder, trained anew.
-    fewer = build_aligned_reference(name, HARMFUL[:3], BENIGN, **options)
-    other_lr = build_aligned_reference(name, HARMFUL, BENIGN, **dict(options, lr=5e-3))
+    fewer = build_aligned_reference(name, HARMFUL[:3], BENIGN, settings, cache_dir=tmp_path)
+    other_lr = build_aligned_reference(name, HARMFUL, BENIGN, replace(settings, lr=5e-3), cache_dir=tmp_path)
     assert len({first, fewer, other_lr}) == 3 and len(calls) == 3
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([first.name, fewer.name, other_lr.name])
 
 
 def test_aligned_weights_differ_from_the_start(tiny, tmp_path):
     model, tokenizer = tiny
-    aligned = align_with_refusals(model, tokenizer, HARMFUL[:2], BENIGN[:2], epochs=1, **FAST)
+    aligned = align_with_refusals(model, tokenizer, HARMFUL[:2], BENIGN[:2], replace(FAST, epochs=1))
     changed = [name for name, p in aligned.state_dict().items() if not torch.equal(p, model.state_dict()[name])]
     assert changed and all("proj" in name for name in changed)  # only the adapted linear layers moved
 
@@ -171,10 +173,10 @@ def test_aligned_weights_differ_from_the_start(tiny, tmp_path):
 def test_bad_inputs_are_one_line_errors(tiny, tiny_model_dir, tmp_path, harmful, benign, options, words):
     model, tokenizer = tiny
     with pytest.raises(AlignmentError) as error:
-        align_with_refusals(model, tokenizer, harmful, benign, **options)
+        align_with_refusals(model, tokenizer, harmful, benign, AlignmentSettings(**options))
     message = str(error.value)
     assert words in message and "\n" not in message
     assert isinstance(error.value, LightningSafetyError)
     with pytest.raises(AlignmentError, match="^[^\n]*$"):
-        build_aligned_reference(str(tiny_model_dir), harmful, benign, cache_dir=tmp_path, **options)
+        build_aligned_reference(str(tiny_model_dir), harmful, benign, AlignmentSettings(**options), cache_dir=tmp_path)
     assert not any(tmp_path.iterdir())  # nothing was built
