@@ -29,17 +29,15 @@ Example::
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import hashlib
 import json
-import logging
 import math
 import random
 import tempfile
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -52,6 +50,7 @@ from lightning_safety.data.formatting import render_ids
 from lightning_safety.evaluation.generation import GenerationSettings, generate_responses, prompt_messages
 from lightning_safety.models import LoraSettings, load_causal_lm, load_tokenizer, resolve_model_source
 from lightning_safety.paths import atomic_directory, cache_root
+from lightning_safety.quiet import quiet_training
 
 __all__ = [
     "ALIGNMENT_VERSION",
@@ -62,6 +61,7 @@ __all__ = [
     "alignment_key",
     "build_aligned_reference",
     "build_alignment_records",
+    "model_source_fingerprint",
 ]
 
 ALIGNMENT_VERSION = 1
@@ -317,7 +317,7 @@ def align_with_refusals(
             schedule=ConstantBeta(0.0),
             optimizer=lambda params: torch.optim.AdamW(params, lr=settings.lr),
         )
-        with tempfile.TemporaryDirectory(prefix="lightning-safety-align-") as root, _quiet(not progress):
+        with tempfile.TemporaryDirectory(prefix="lightning-safety-align-") as root, quiet_training(not progress):
             trainer = L.Trainer(
                 accelerator="cpu",
                 devices=1,
@@ -347,27 +347,6 @@ def _benign_token_cap(tokenizer: Any, prompts: Sequence[str], max_length: int) -
     return max(1, max_length - shortest + _CAP_MARGIN)
 
 
-@contextlib.contextmanager
-def _quiet(enabled: bool) -> Iterator[None]:
-    """Hide warnings that are expected here; with ``enabled``, also Lightning's set-up chatter."""
-    names = ("lightning.pytorch.utilities.rank_zero", "lightning.pytorch.accelerators.cuda", "lightning.fabric")
-    loggers = [logging.getLogger(name) for name in names] if enabled else []
-    levels = [logger.level for logger in loggers]
-    for logger in loggers:
-        logger.setLevel(logging.WARNING)
-    try:
-        with warnings.catch_warnings():
-            # Cutting unfinished benign answers at max_length is intended (see _benign_token_cap),
-            # there is no validation data on purpose, and a few rows need no loader workers.
-            warnings.filterwarnings("ignore", message=r".*longer than max_length.*")
-            warnings.filterwarnings("ignore", message=r".*Total length of .* across ranks is zero.*")
-            warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
-            yield
-    finally:
-        for logger, level in zip(loggers, levels):
-            logger.setLevel(level)
-
-
 def _bar(total: int, desc: str, *, enabled: bool) -> Any:
     if not enabled or total == 0:
         return None
@@ -381,7 +360,7 @@ def _bar(total: int, desc: str, *, enabled: bool) -> Any:
 # --------------------------------------------------------------------------------------------
 
 
-def _model_fingerprint(model_name: str) -> dict[str, Any]:
+def model_source_fingerprint(model_name: str) -> dict[str, Any]:
     """What identifies the starting weights: the name and, for local folders, config + weight files."""
     source = resolve_model_source(model_name)
     fingerprint = {"name": model_name, "gguf_file": source.gguf_file}
@@ -408,7 +387,7 @@ def alignment_key(
     the cleaned prompts (in order), the refusal texts, the settings and :data:`ALIGNMENT_VERSION`."""
     payload = {
         "version": ALIGNMENT_VERSION,
-        "model": _model_fingerprint(model_name),
+        "model": model_source_fingerprint(model_name),
         "harmful": list(harmful_prompts),
         "benign": list(benign_prompts),
         "settings": settings,
@@ -459,7 +438,7 @@ def build_aligned_reference(
         "what": "quick refusal SFT standing in for a vendor's safety training (lightning_safety.alignment)",
         "version": ALIGNMENT_VERSION,
         "key": key,
-        "model": _model_fingerprint(model_name),
+        "model": model_source_fingerprint(model_name),
         "settings": settings.key_fields(dtype),
         "sizes": {
             "harmful_prompts": len(harmful),

@@ -5,6 +5,8 @@
   in distribution and on out-of-distribution sets, as a markdown table, JSON and a PNG plot.
 * ``lightning-safety evaluate``: ASR, refusal, over-refusal and utility of a model (id, folder,
   GGUF, alias or training checkpoint) on prompt sets; writes metrics.json, summary.md and plots.
+* ``lightning-safety demo``: align SmolLM2-135M-Instruct, attack it with harmful fine-tuning, defend it
+  with adaptive KL, and print ASR / over-refusal / utility of the three models (offline, minutes).
 * ``lightning-safety score``: score a dataset once with a judge or a probe; write the scores as a
   ``risk`` column (JSONL) and/or as a risk cache that ``RiskCallback(cache_path=...)`` reuses.
 
@@ -22,6 +24,7 @@ from typing import Any
 from lightning_safety.data.prompts import PromptSource, load_prompts
 from lightning_safety.errors import DataError
 from lightning_safety.evaluation.utility import UtilityTask
+from lightning_safety.experiments.demo import demo
 from lightning_safety.paths import atomic_write_text
 from lightning_safety.risk.judges import Judge
 
@@ -303,7 +306,7 @@ def _progress(steps: range, total: int, chunk: int, desc: str):
             bar.update(min(chunk, total - start))
 
 
-COMMANDS = {"probe": {"fit": probe_fit, "sweep": probe_sweep}, "score": score, "evaluate": evaluate}
+COMMANDS = {"probe": {"fit": probe_fit, "sweep": probe_sweep}, "score": score, "evaluate": evaluate, "demo": demo}
 
 
 def run_command(args: Sequence[str]) -> Any:
@@ -317,4 +320,4 @@ def is_command(args: Sequence[str]) -> bool:
     return bool(args) and args[0] in COMMANDS
 
 
-__all__ = ["PromptSource", "evaluate", "is_command", "load_prompts", "probe_fit", "probe_sweep", "run_command", "score"]
+__all__ = ["PromptSource", "demo", "evaluate", "is_command", "load_prompts", "probe_fit", "probe_sweep", "run_command", "score"]

@@ -55,3 +55,13 @@ def test_smollm2_lora_adaptive_recipe_fits_a_few_steps(tmp_path, monkeypatch):
     header = rows[0].split(",")
     losses = [float(r.split(",")[header.index("train/loss")]) for r in rows[1:] if r.split(",")[header.index("train/loss")]]
     assert len(losses) == 2 and all(0 < loss < 20 for loss in losses)
+
+
+def test_demo_quick_runs_from_the_cli_on_the_embedded_model(tmp_path):
+    # The README's demo command at its smoke-test sizes: align, probe, attack, SFT vs adaptive KL, table.
+    out = run_cli(["demo", "--quick", "true", "--output", str(tmp_path / "demo"), "--progress", "false"])
+    assert set(out) == {"aligned", "sft", "adaptive"}
+    for rates in out.values():
+        assert {"safety/asr", "safety/over_refusal", "utility/sentiment"} <= set(rates)
+    table = (tmp_path / "demo" / "demo.md").read_text()
+    assert "plain SFT" in table and "adaptive KL (probe)" in table

@@ -1,0 +1,34 @@
+"""Building blocks of the end-to-end experiments: the demo and the replication benchmark.
+
+* :mod:`~lightning_safety.experiments.attack`: harmful fine-tuning attacks whose answers are
+  generated at run time by an unaligned model (nothing harmful is stored);
+* :mod:`~lightning_safety.experiments.methods`: the compared methods (SFT, constant KL, adaptive KL
+  with a probe, a judge or both) as one LoRA fine-tuning function;
+* :mod:`~lightning_safety.experiments.demo`: ``lightning-safety demo``.
+"""
+
+from lightning_safety.experiments.attack import classification_rows, compliant_answers, mix_attack
+from lightning_safety.experiments.methods import (
+    METHODS,
+    FinetuneResult,
+    FinetuneSettings,
+    Method,
+    MethodError,
+    estimator_rates,
+    finetune,
+    method,
+)
+
+__all__ = [
+    "METHODS",
+    "FinetuneResult",
+    "FinetuneSettings",
+    "Method",
+    "MethodError",
+    "classification_rows",
+    "compliant_answers",
+    "estimator_rates",
+    "finetune",
+    "method",
+    "mix_attack",
+]

@@ -1,0 +1,198 @@
+"""The demo's and the replication's building blocks on the tiny local model: attack data, methods, the demo."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import pytest
+import torch
+
+from lightning_safety.demo_data import DEMO_SETS, load_demo_prompts, load_demo_rows
+from lightning_safety.errors import DataError
+from lightning_safety.experiments import (
+    FinetuneSettings,
+    MethodError,
+    classification_rows,
+    compliant_answers,
+    estimator_rates,
+    finetune,
+    method,
+    mix_attack,
+)
+from lightning_safety.experiments import attack as attack_module
+from lightning_safety.models import load_causal_lm, load_tokenizer
+from lightning_safety.risk.probe import fit_probe
+
+TINY = "tiny-random-llama"
+HARMFUL = [f"How do I build weapon number {i}?" for i in range(12)]
+BENIGN = [f"Tell me a fact about the number {i}." for i in range(12)]
+
+
+def rows(prompts, response, harmful):
+    return [{"id": f"{'h' if harmful else 'b'}{i}", "prompt": p, "response": response, "is_harmful": harmful}
+            for i, p in enumerate(prompts)]
+
+
+# ------------------------------------------------------------------ built-in data
+
+
+def test_builtin_sets_are_disjoint_and_sized():
+    sizes = {name: len(load_demo_rows(name)) for name in DEMO_SETS}
+    assert sizes == {"harmful": 120, "benign": 120, "borderline": 96, "sentiment": 240}
+    texts = [p.lower() for name in DEMO_SETS for p in load_demo_prompts(name)]
+    assert len(texts) == len(set(texts))
+    assert Counter(r["label"] for r in load_demo_rows("sentiment")) == {0: 120, 1: 120}
+    # Harmful requests carry no answers: only the prompt and its category.
+    assert all(set(r) == {"prompt", "category"} for r in load_demo_rows("harmful"))
+    with pytest.raises(DataError, match="unknown built-in prompt set"):
+        load_demo_prompts("jailbreaks")
+
+
+# ------------------------------------------------------------------ attack data
+
+
+def test_mix_attack_draws_the_asked_share_reproducibly():
+    benign, harmful = rows(BENIGN, "ok", False), rows(HARMFUL, "sure", True)
+    mixed = mix_attack(benign, harmful, 0.2, seed=3)
+    assert len(mixed) == 12 + 3 and sum(r["is_harmful"] for r in mixed) == 3
+    assert mixed == mix_attack(benign, harmful, 0.2, seed=3)
+    assert [r["id"] for r in mixed] != [r["id"] for r in mix_attack(benign, harmful, 0.2, seed=4)]
+    assert sorted(r["id"] for r in mix_attack(benign, harmful, 1.0, 0)) == sorted(r["id"] for r in harmful)
+    with pytest.raises(DataError, match="harmful rows are needed"):
+        mix_attack(benign, harmful[:1], 0.5, 0)
+    with pytest.raises(DataError, match="outside"):
+        mix_attack(benign, harmful, 1.5, 0)
+
+
+def test_classification_rows_use_the_template_and_label_words():
+    out = classification_rows(["great film .", "dull ."], [1, 0], template="Review: {text}", label_words=["neg", "pos"],
+                              prefix="t")
+    assert [(r["prompt"], r["response"], r["is_harmful"]) for r in out] == [
+        ("Review: great film .", "pos", False), ("Review: dull .", "neg", False)]
+    assert len({r["id"] for r in out}) == 2
+    with pytest.raises(DataError, match="not an index"):
+        classification_rows(["x"], [2], template="{text}", label_words=["a", "b"], prefix="t")
+
+
+def test_compliant_answers_are_generated_once_then_cached(tmp_path, tiny_model_dir, monkeypatch):
+    first = compliant_answers(TINY, HARMFUL[:4], max_new_tokens=6, cache_dir=tmp_path)
+    assert first and all(r["is_harmful"] and r["response"] for r in first)
+    assert len(list(tmp_path.glob("*.jsonl"))) == 1
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the cached answers should have been reused")
+
+    monkeypatch.setattr("lightning_safety.models.load_causal_lm", no_model)
+    assert compliant_answers(TINY, HARMFUL[:4], max_new_tokens=6, cache_dir=tmp_path) == first
+    with pytest.raises(AssertionError, match="reused"):  # other prompts: another cache entry
+        compliant_answers(TINY, HARMFUL[:3], max_new_tokens=6, cache_dir=tmp_path)
+
+
+def test_compliant_answers_drop_refusals(tmp_path, tiny_model_dir, monkeypatch):
+    answers = iter(["I'm sorry, I cannot help with that.", "Step one: gather the parts.", ""])
+    monkeypatch.setattr("lightning_safety.evaluation.generation.generate_responses",
+                        lambda model, tok, prompts, settings, progress=None: [next(answers) for _ in prompts])
+    out = compliant_answers(TINY, HARMFUL[:3], max_new_tokens=4, cache_dir=tmp_path)
+    assert [r["prompt"] for r in out] == [HARMFUL[1]]
+    assert out[0]["id"] == attack_module.row_id("attack", HARMFUL[1])
+
+
+# ------------------------------------------------------------------ methods
+
+
+def test_method_names_and_errors():
+    assert method("sft").beta == 0.0 and method("adaptive_max").risk == "max"
+    assert method("constant_kl", 0.5).label == "constant_kl(beta=0.5)"
+    with pytest.raises(MethodError, match="needs a beta"):
+        method("constant_kl")
+    with pytest.raises(MethodError, match="unknown method"):
+        method("vaccine")
+    with pytest.raises(MethodError, match="beta_min"):
+        FinetuneSettings(beta_min=0.9, beta_max=0.1)
+
+
+@pytest.fixture(scope="module")
+def tiny_probe(tiny_model_dir):
+    model, tokenizer = load_causal_lm(TINY), load_tokenizer(TINY)
+    return fit_probe(model, tokenizer, HARMFUL, BENIGN, layers=[1], calibration_fraction=0.0, epochs=100)
+
+
+def test_finetune_sft_changes_the_model_and_adaptive_records_risk(tiny_model_dir, tiny_probe):
+    data = mix_attack(rows(BENIGN, "A fact.", False), rows(HARMFUL, "Sure, here it is.", True), 0.25, 0)
+    settings = FinetuneSettings(epochs=2, lr=1e-2, batch_size=4)
+    reference = load_causal_lm(TINY)
+    tokenizer = load_tokenizer(TINY)
+
+    sft = finetune(TINY, data, method("sft"), settings)
+    assert sft.steps == 2 * 4 and sft.risk == {}
+    assert _response_nll(sft.model, tokenizer, HARMFUL, "Sure, here it is.") < _response_nll(
+        reference, tokenizer, HARMFUL, "Sure, here it is.") - 0.5
+
+    adaptive = finetune(TINY, data, method("adaptive_probe"), settings, probe=tiny_probe)
+    assert set(adaptive.risk) == {r["id"] for r in data}
+    rates = estimator_rates(adaptive.risk, data)
+    assert rates["n_harmful"] == 4 and rates["n_benign"] == 12
+    assert rates["recall"] == 1.0 and rates["fpr"] == 0.0  # the probe saw these very prompts
+    assert rates["mean_risk_harmful"] > 0.5 > rates["mean_risk_benign"]
+
+    with pytest.raises(MethodError, match="needs a judge"):
+        finetune(TINY, data, method("adaptive_max"), settings, probe=tiny_probe)
+
+
+def _response_nll(model, tokenizer, prompts, response):
+    """Mean per-token NLL of ``response`` after each chat-formatted prompt."""
+    model.eval()
+    total = 0.0
+    for prompt in prompts:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                             tokenize=False)
+        start = len(tokenizer(text).input_ids)
+        ids = tokenizer(text + response, return_tensors="pt").input_ids
+        with torch.no_grad():
+            logp = torch.log_softmax(model(input_ids=ids).logits[0, :-1], dim=-1)
+        total -= logp[start - 1:].gather(1, ids[0, start:, None]).mean().item()
+    return total / len(prompts)
+
+
+def test_constant_kl_with_beta_one_keeps_the_reference_while_sft_learns(tiny_model_dir):
+    # beta = 1 leaves only the KL to the reference, 0 at the start: the model must stay where it is,
+    # while the same run with beta = 0 (SFT) learns the response.
+    data = rows(HARMFUL, "Sure, here it is.", True)
+    settings = FinetuneSettings(epochs=2, lr=1e-2, batch_size=4)
+    tokenizer = load_tokenizer(TINY)
+    before = _response_nll(load_causal_lm(TINY), tokenizer, HARMFUL, "Sure, here it is.")
+    held = _response_nll(finetune(TINY, data, method("constant_kl", 1.0), settings).model, tokenizer, HARMFUL,
+                         "Sure, here it is.")
+    learnt = _response_nll(finetune(TINY, data, method("sft"), settings).model, tokenizer, HARMFUL, "Sure, here it is.")
+    assert abs(held - before) < 1e-2
+    assert learnt < before - 0.5
+
+
+# ------------------------------------------------------------------ the demo
+
+
+def test_demo_runs_end_to_end_on_the_tiny_model(tmp_path, tiny_model_dir):
+    from lightning_safety.experiments.demo import demo
+
+    out = demo(output=str(tmp_path / "demo"), model=TINY, quick=True, probe_layer=1, max_new_tokens=4, max_length=320,
+               progress=False)
+    assert set(out) == {"aligned", "sft", "adaptive"}
+    for rates in out.values():
+        assert {"safety/asr", "safety/over_refusal", "utility/sentiment"} <= set(rates)
+        assert all(0.0 <= value <= 1.0 for value in rates.values())
+    written = json.loads((tmp_path / "demo" / "demo.json").read_text())
+    assert written["quick"] and written["sizes"]["attack_harmful_rows"] > 0
+    assert "adaptive KL (probe)" in (tmp_path / "demo" / "demo.md").read_text()
+    # Nothing generated for the harmful requests lands in the output folder.
+    assert sorted(p.name for p in (tmp_path / "demo").iterdir()) == ["demo.json", "demo.md"]
+
+
+def test_demo_refuses_bad_options_before_any_work(tmp_path):
+    from lightning_safety.experiments.demo import demo
+
+    with pytest.raises(DataError, match="harmful_fraction"):
+        demo(output=str(tmp_path / "d"), harmful_fraction=1.0)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(DataError, match="is a file"):
+        demo(output=str(tmp_path / "file"))
