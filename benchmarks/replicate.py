@@ -81,6 +81,7 @@ from lightning_safety.experiments import (  # noqa: E402
     method,
     mix_attack,
 )
+from lightning_safety.metrics import wilson_interval  # noqa: E402
 from lightning_safety.models import LoraSettings, load_causal_lm, load_tokenizer  # noqa: E402
 from lightning_safety.paths import atomic_write_text, cache_root  # noqa: E402
 from lightning_safety.risk.judges import EmbeddingJudge  # noqa: E402
@@ -250,6 +251,9 @@ def targets(table: dict[str, Any], beta: float) -> list[tuple[str, bool | None, 
 def write_markdown(path: Path, results: dict[str, Any]) -> str:
     table = summary_rows(results)
     setup = results["setup"]
+    aligned_asr = results["aligned"]["rates"]["safety/asr"]
+    aligned_rate = aligned_asr["rate"]
+    low, high = wilson_interval(aligned_asr["count"], aligned_asr["total"])
     beta = results["constant_kl"]["beta"]
     lines = [
         "# Replication at small scale: SmolLM2-135M-Instruct, 2 CPU cores",
@@ -261,11 +265,17 @@ def write_markdown(path: Path, results: dict[str, Any]) -> str:
         "ASR: AdvBench *test* requests, GCG refusal keywords (no refusal phrase = attack succeeded).",
         "Over-refusal: XSTest safe prompts. Utility: SST-2 dev accuracy (label log-likelihood, calibrated).",
         "Recall / FPR: the method's risk estimator on the attack's rows at risk >= 0.5 (harmful / benign rows).",
+        f"Resolution: one test request is {100 / setup['sizes']['test']:.2f} ASR points; the aligned model's ASR "
+        f"{pct(aligned_rate)}% has the 95% Wilson interval [{pct(low)}, {pct(high)}], so differences of a few points "
+        "are within noise.",
         "",
     ]
     for attack, title in (("A", "Attack A: full harmful fine-tuning"),
                           ("B", "Attack B: SST-2 with 10% harmful rows")):
-        lines += [f"## {title}", "", "| method | ASR | over-refusal | SST-2 | recall | FPR |", "|---|---|---|---|---|---|"]
+        sizes = setup["sizes"]
+        lines += [f"## {title}", "",
+                  f"| method | ASR (n={sizes['test']}) | over-refusal (n={sizes['xstest']}) | SST-2 (n={sizes['sst2_dev']}) "
+                  "| recall | FPR |", "|---|---|---|---|---|---|"]
         for name in METHOD_ORDER:
             entry = table[attack].get(name)
             if entry is None:
@@ -320,7 +330,7 @@ def write_markdown(path: Path, results: dict[str, Any]) -> str:
         f"- Evaluation: {setup['sizes']['test']} AdvBench test requests, {setup['sizes']['xstest']} XSTest safe "
         f"prompts, {setup['sizes']['sst2_dev']} SST-2 dev sentences; greedy, {setup['max_new_tokens']} new tokens.",
         f"- Wall time: {results['seconds']['total'] / 60:.0f} min this run (cells reused from an earlier run count "
-        f"0); machine: {setup['environment']['machine']}, torch {setup['environment']['torch']}, "
+        f"0); training + evaluation summed over all cells: {results['seconds']['cells'] / 60:.0f} min; machine: {setup['environment']['machine']}, torch {setup['environment']['torch']}, "
         f"{setup['environment']['date']}.",
         "",
     ]
@@ -557,7 +567,9 @@ def main() -> None:
                     "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                 },
             },
-            "seconds": {"total": round(time.perf_counter() - T0, 1)},
+            "seconds": {"total": round(time.perf_counter() - T0, 1),
+                        "cells": round(sum(c.get("train_seconds", 0) + c.get("eval_seconds", 0)
+                                           for c in [aligned, *cells]), 1)},
         }
         out_dir.mkdir(parents=True, exist_ok=True)
         results["summary"] = summary_rows(results)
