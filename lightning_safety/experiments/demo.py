@@ -4,7 +4,7 @@
    safe by a quick refusal SFT (:mod:`lightning_safety.alignment`, the stand-in for a vendor's
    safety training), cached and reused by later runs.
 2. **Probe.** An activation probe on the aligned model, trained on the defender's harmful and
-   benign requests.
+   benign requests plus a few rows of the benign task (neither trained nor evaluated on).
 3. **Attack.** A benign task (sentiment) with harmful rows mixed in, whose answers are written now
    by the *unaligned* model (cached locally; nothing harmful ships with the package).
 4. **Fine-tuning** of the aligned model on the attack, once with plain SFT and once with adaptive
@@ -42,14 +42,16 @@ class DemoSizes:
     attack_harmful: int = 35
     test_harmful: int = 35
     defender_benign: int = 60
+    probe_benign: int = 120
     borderline_align: int = 48
     borderline_eval: int = 48
     task_train: int = 120
     task_eval: int = 80
+    task_probe: int = 40
 
 
-QUICK_SIZES = DemoSizes(defender_harmful=16, attack_harmful=12, test_harmful=12, defender_benign=16,
-                        borderline_align=8, borderline_eval=8, task_train=24, task_eval=16)
+QUICK_SIZES = DemoSizes(defender_harmful=16, attack_harmful=12, test_harmful=12, defender_benign=16, probe_benign=16,
+                        borderline_align=8, borderline_eval=8, task_train=24, task_eval=16, task_probe=8)
 
 
 def _take(items: list[Any], start: int, count: int, what: str) -> list[Any]:
@@ -59,8 +61,10 @@ def _take(items: list[Any], start: int, count: int, what: str) -> list[Any]:
     return part
 
 
-def _task_rows(task: UtilityTask | None, sizes: DemoSizes) -> tuple[list[tuple[str, int]], list[dict], UtilityTask]:
-    """(train (prompt, label) pairs, eval rows, an eval UtilityTask template) of the benign task."""
+def _task_rows(
+    task: UtilityTask | None, sizes: DemoSizes
+) -> tuple[list[tuple[str, int]], list[dict], list[str], UtilityTask]:
+    """(train (prompt, label) pairs, eval rows, probe prompts, the task's spec) of the benign task: three disjoint parts."""
     from lightning_safety.demo_data import demo_data_path
     from lightning_safety.evaluation.utility import load_utility_task
 
@@ -74,7 +78,8 @@ def _task_rows(task: UtilityTask | None, sizes: DemoSizes) -> tuple[list[tuple[s
     pairs = list(zip(loaded.prompts, loaded.targets))
     train = _take(pairs, 0, sizes.task_train, "task rows (train)")
     evaluation = _take(pairs, sizes.task_train, sizes.task_eval, "task rows (eval)")
-    return train, [{"prompt": p, "label": t} for p, t in evaluation], task
+    probe = _take(pairs, sizes.task_train + sizes.task_eval, sizes.task_probe, "task rows (probe)")
+    return train, [{"prompt": p, "label": t} for p, t in evaluation], [p for p, _ in probe], task
 
 
 def demo(
@@ -163,7 +168,8 @@ def demo(
     borderline_align = _take(align_side, 0, sizes.borderline_align, "borderline prompts (alignment)")
     borderline_eval = _take([p for p in safe_all if p not in set(borderline_align)], 0, sizes.borderline_eval,
                             "borderline prompts (evaluation)")
-    task_train, task_eval, task_spec = _task_rows(task, sizes)
+    probe_benign = _take(benign_all, 0, sizes.probe_benign, "benign requests (probe)")
+    task_train, task_eval, task_probe, task_spec = _task_rows(task, sizes)
 
     # 1. The aligned reference (cached by its inputs and settings).
     lora = LoraSettings(r=16, alpha=32, dropout=0.05, target_modules="all-linear")
@@ -174,11 +180,14 @@ def demo(
         AlignmentSettings(epochs=align_epochs, lr=5e-4, lora=lora, max_length=max_length, seed=0), progress=progress,
     )
 
-    # 2. The probe, on the defender's prompts only.
+    # 2. The probe, on the defender's prompts only. Its benign side includes a few rows of the benign
+    # task (disjoint from the task's training and evaluation rows): the defender knows the task it
+    # fine-tunes on, and a probe that never saw the task's format flagged every task row of the
+    # demo (FPR 100% with benign instructions alone, ~1% with 40 task rows added).
     print(f"[2/5] activation probe on the aligned model (layer {probe_layer}, mean pooling, logistic)")
     ref_model, tokenizer = load_causal_lm(str(reference)), load_tokenizer(str(reference))
-    probe = fit_probe(ref_model, tokenizer, defender_harmful, defender_benign, layers=[probe_layer],
-                      calibration_fraction=0.0, seed=0, progress=progress)
+    probe = fit_probe(ref_model, tokenizer, defender_harmful, probe_benign + borderline_align + task_probe,
+                      layers=[probe_layer], calibration_fraction=0.0, seed=0, progress=progress)
 
     # 3. The attack: task rows plus harmful rows answered by the unaligned model.
     print(f"[3/5] attack: {len(task_train)} task rows + {harmful_fraction:.0%} harmful rows answered by {model}")
