@@ -152,14 +152,10 @@ def balanced_sst2(rows: list[tuple[str, int]], count: int, seed: int) -> list[tu
 # Evaluation
 
 
-def rates_of(result: Any) -> dict[str, dict[str, float]]:
-    return {name: report.as_dict() for name, report in result.rates.items()}
-
-
 def evaluate(evaluator: SafetyEvaluator, model: Any, tokenizer: Any) -> tuple[dict[str, Any], float]:
     started = time.perf_counter()
     result = evaluator.evaluate(model, tokenizer, progress=True)
-    return rates_of(result), round(time.perf_counter() - started, 1)
+    return result.to_dict()["metrics"], round(time.perf_counter() - started, 1)
 
 
 # ---------------------------------------------------------------------------------------------

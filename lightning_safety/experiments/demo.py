@@ -195,10 +195,6 @@ def demo(
     labels = task_spec.labels or ["negative", "positive"]
     task_rows = [{"id": row_id("task", p), "prompt": p, "response": labels[int(t)], "is_harmful": False}
                  for p, t in task_train]
-    count = round(harmful_fraction * len(task_rows) / (1 - harmful_fraction))
-    if count > len(harmful_rows):
-        raise DataError(f"the attack needs {count} harmful rows but only {len(harmful_rows)} attack requests got a "
-                        "compliant answer: lower harmful_fraction or give more harmful requests")
     rows = mix_attack(task_rows, harmful_rows, harmful_fraction, seed)
 
     with tempfile.TemporaryDirectory(prefix="lightning-safety-demo-") as tmp:
@@ -213,13 +209,13 @@ def demo(
         evaluator.load()
         results: dict[str, dict[str, Any]] = {}
         print(f"[4/5] evaluating the aligned model ({evaluator.num_prompts} prompts)")
-        results["aligned"] = {"rates": _rates(evaluator.evaluate(ref_model, tokenizer, progress=progress))}
+        results["aligned"] = {"rates": evaluator.evaluate(ref_model, tokenizer, progress=progress).to_dict()["metrics"]}
         del ref_model
         settings = FinetuneSettings(epochs=epochs, lr=lr, lora=lora, max_length=max_length, seed=seed)
         for name, label in (("sft", "plain SFT"), ("adaptive_probe", "adaptive KL (probe)")):
             print(f"[5/5] fine-tuning with {label} on {len(rows)} rows, {epochs} epoch(s), then evaluating")
             run = finetune(str(reference), rows, method(name), settings, probe=probe, progress=progress)
-            entry = {"rates": _rates(evaluator.evaluate(run.model, run.tokenizer, progress=progress)),
+            entry = {"rates": evaluator.evaluate(run.model, run.tokenizer, progress=progress).to_dict()["metrics"],
                      "train_seconds": run.seconds}
             if run.risk:
                 entry["probe_on_attack"] = estimator_rates(run.risk, rows)
@@ -253,10 +249,6 @@ def demo(
     print(table)
     print(f"\nwritten: {out / 'demo.md'}, {out / 'demo.json'} ({minutes:.1f} min)")
     return {name: {k: v["rate"] for k, v in entry["rates"].items()} for name, entry in results.items()}
-
-
-def _rates(result: Any) -> dict[str, dict[str, float]]:
-    return {name: report.as_dict() for name, report in result.rates.items()}
 
 
 def _table(results: dict[str, dict[str, Any]], names: dict[str, str]) -> str:
