@@ -65,6 +65,9 @@ def main(out_dir: Path, model_dir: str) -> None:
         },
         out_dir / f"rank{trainer.global_rank}.pt",
     )
+    # Tear the process group down before exit (left to interpreter shutdown, gloo can abort the process).
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -56,6 +56,7 @@ def main(out_dir: Path, model_dir: str) -> None:
     }
     (out_dir / f"rank{trainer.global_rank}.json").write_text(json.dumps(payload))
     torch.distributed.barrier()
+    torch.distributed.destroy_process_group()  # before exit: left to interpreter shutdown, gloo can abort
 
 
 if __name__ == "__main__":

@@ -283,6 +283,7 @@ DDP_WORKER = textwrap.dedent(
     import json, sys
     from pathlib import Path
     import lightning as L
+    import torch
     from lightning_safety.callbacks.audit import RiskAuditLog
     from lightning_safety.data import ChatSFTDataModule
     from lightning_safety.errors import LightningSafetyError
@@ -312,6 +313,10 @@ DDP_WORKER = textwrap.dedent(
     except LightningSafetyError as caught:
         error = str(caught)
     (out / f"result{rank}.json").write_text(json.dumps({"error": error}))
+    # Tear the process group down on both ranks before exit: left to interpreter shutdown, gloo's
+    # threads can be destroyed while joinable and abort the process ("terminate called ...").
+    trainer.strategy.barrier()
+    torch.distributed.destroy_process_group()
     """
 )
 
