@@ -394,6 +394,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--lora-r", type=int, default=16)
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--normalization", choices=["token", "example"], default="token",
+                        help="the fine-tuning loss's batch average (see SafeFineTuning)")
     parser.add_argument("--beta-grid", type=float, nargs="+", default=[0.3, 0.6, 0.9])
     parser.add_argument("--beta-tolerance", type=float, default=5.0, help="points over the aligned validation ASR")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
@@ -430,6 +432,8 @@ def main() -> None:
     borderline = load_demo_prompts("borderline")
 
     config = {k: v for k, v in vars(args).items() if k not in ("out_dir", "quick", "data")}
+    if config["normalization"] == "token":  # added later: runs from before keep their key (and cells)
+        del config["normalization"]
     run_key = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:12]
     work = cache_root() / "replication" / run_key
     (work / "cells").mkdir(parents=True, exist_ok=True)
@@ -471,7 +475,8 @@ def main() -> None:
         return FinetuneSettings(epochs=args.epochs_a if attack == "A" else args.epochs_b, lr=args.lr,
                                 lora=LoraSettings(r=args.lora_r, alpha=2 * args.lora_r, dropout=0.05,
                                                   target_modules="all-linear"),
-                                max_length=args.max_length, batch_size=args.batch_size, seed=seed)
+                                max_length=args.max_length, batch_size=args.batch_size, seed=seed,
+                                normalization=args.normalization)
 
     generation = GenerationSettings(max_new_tokens=args.max_new_tokens, batch_size=args.generation_batch_size)
     evaluator = SafetyEvaluator(

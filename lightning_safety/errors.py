@@ -47,3 +47,7 @@ class CalibrationError(LightningSafetyError):
 
 class JudgeError(LightningSafetyError):
     """A risk judge is misconfigured (model, tokenizer, labels, endpoint) or used before it is ready."""
+
+
+class ShardingError(LightningSafetyError):
+    """Sharded training cannot be set up as asked (no decoder-layer class, unsupported mesh or option)."""

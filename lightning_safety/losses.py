@@ -47,6 +47,7 @@ __all__ = [
 
 Weighting = Literal["convex", "additive"]
 Direction = Literal["forward", "reverse"]
+Normalization = Literal["token", "example"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -59,7 +60,7 @@ class AdaptiveKLOutput:
     """Result of :func:`adaptive_kl_loss`. Only ``loss`` and ``loss_sum`` carry gradients.
 
     Attributes:
-        loss: scalar, ``loss_sum / num_tokens``.
+        loss: scalar, ``loss_sum / denominator``.
         nll: scalar, unweighted mean NLL over all response tokens.
         kl: scalar, unweighted mean KL over the response tokens of rows with reference logits
             (0 when no row has them).
@@ -68,9 +69,11 @@ class AdaptiveKLOutput:
         tokens_per_example: ``[B]`` int64 number of response tokens per row.
         alpha: ``[B]`` weight of the NLL term.
         beta: ``[B]`` weight of the KL term.
-        loss_sum: scalar, ``sum_{b,t} (alpha_b nll_bt + beta_b kl_bt)``; lets callers renormalise
-            by the token count summed across data-parallel ranks.
+        loss_sum: scalar, the weighted sum before normalisation (see :func:`adaptive_kl_loss`);
+            lets callers renormalise by the denominator summed across data-parallel ranks.
         num_tokens: scalar int64, ``N``.
+        denominator: scalar int64, what ``loss_sum`` is divided by: ``N`` ("token"
+            normalisation) or the number of rows with response tokens ("example").
     """
 
     loss: Tensor
@@ -83,6 +86,7 @@ class AdaptiveKLOutput:
     beta: Tensor
     loss_sum: Tensor
     num_tokens: Tensor
+    denominator: Tensor
 
 
 @dataclass(frozen=True)
@@ -167,11 +171,12 @@ def adaptive_kl_loss(
     *,
     weighting: Weighting = "convex",
     direction: Direction = "forward",
+    normalization: Normalization = "token",
     ignore_index: int = -100,
     chunk_size: int | None = None,
     reference_rows: Tensor | None = None,
 ) -> AdaptiveKLOutput:
-    """Token-normalised mixture of NLL and KL toward a reference, weighted per example.
+    """Mixture of NLL and KL toward a reference, weighted per example.
 
     Follows the Hugging Face causal-LM convention: ``labels`` has the input's length and the
     logits at position ``t`` predict ``labels[:, t + 1]``; a response token is a shifted label
@@ -181,12 +186,18 @@ def adaptive_kl_loss(
         kl_bt  = KL(pi_ref || pi_theta) = sum_v p_ref(v) (log p_ref(v) - log p_theta(v))   forward
         kl_bt  = KL(pi_theta || pi_ref) = sum_v p_theta(v) (log p_theta(v) - log p_ref(v)) reverse
 
-        loss = sum_{b, t} (alpha_b nll_bt + beta_b kl_bt) / N
+        token:    loss = sum_{b, t} (alpha_b nll_bt + beta_b kl_bt) / N
+        example:  loss = sum_b (alpha_b mean_t nll_bt + beta_b mean_t kl_bt) / B'
 
-    with ``alpha_b = 1 - beta_b`` ("convex") or ``1`` ("additive") and ``N`` the number of response
-    tokens in the whole batch. At batch size 1 this is the authors' per-example loss
-    ``alpha mean_t(nll) + beta mean_t(kl)``; over a batch, longer responses weigh more, as in
-    ordinary token-mean SFT. With ``beta == 0`` everywhere it is plain SFT cross-entropy.
+    with ``alpha_b = 1 - beta_b`` ("convex") or ``1`` ("additive"), ``N`` the number of response
+    tokens in the whole batch and ``B'`` the number of rows that have response tokens. At batch
+    size 1 both are the authors' per-example loss ``alpha mean_t(nll) + beta mean_t(kl)``. Over a
+    batch, "token" (ordinary token-mean SFT) lets longer responses weigh more; "example" gives
+    every row the same weight, which is what the authors' micro-batches of one example amount to
+    under gradient accumulation. The difference matters when risky rows have long responses and
+    the task's rows short ones (a 2-token label against a 70-token harmful answer): under "token"
+    the KL on the few long risky rows can outweigh the whole task. With ``beta == 0`` everywhere
+    "token" is plain SFT cross-entropy.
     ``beta`` is detached: the weights are constants, not learned. The reference logits are also
     detached (the reference is frozen). Logits must be finite.
 
@@ -207,6 +218,8 @@ def adaptive_kl_loss(
         weighting: "convex" (``alpha = 1 - beta``) or "additive" (``alpha = 1``).
         direction: "forward" for ``KL(pi_ref || pi_theta)``, "reverse" for
             ``KL(pi_theta || pi_ref)``.
+        normalization: "token" (mean over the batch's response tokens) or "example" (mean of
+            each row's token mean over the rows).
         ignore_index: label value of tokens that are not trained on.
         chunk_size: if set, process the gathered response tokens ``chunk_size`` at a time (a
             chunk may span rows), each chunk under activation checkpointing when gradients are
@@ -228,7 +241,7 @@ def adaptive_kl_loss(
     """
     labels = _align_labels(policy_logits, labels, ignore_index)
     batch, seq_len, vocab = _check_logits_and_labels(policy_logits, labels)
-    _check_options(weighting, direction, chunk_size)
+    _check_options(weighting, direction, chunk_size, normalization)
     device = policy_logits.device
     beta_t = _as_beta(beta, batch, device)
     alpha_t = 1.0 - beta_t if weighting == "convex" else torch.ones_like(beta_t)
@@ -237,7 +250,7 @@ def adaptive_kl_loss(
     nll_tok, kl_tok = _token_losses_chunked(
         policy_logits, reference_logits, plan, direction, chunk_size
     )
-    return _assemble(nll_tok, kl_tok, plan, alpha_t, beta_t)
+    return _assemble(nll_tok, kl_tok, plan, alpha_t, beta_t, normalization)
 
 
 def _align_labels(policy_logits: Tensor, labels: Tensor, ignore_index: int) -> Tensor:
@@ -279,12 +292,16 @@ def _check_logits_and_labels(policy_logits: Tensor, labels: Tensor) -> tuple[int
     return batch, seq_len, vocab
 
 
-def _check_options(weighting: str, direction: str, chunk_size: int | None) -> None:
+def _check_options(
+    weighting: str, direction: str, chunk_size: int | None, normalization: str = "token"
+) -> None:
     """Validate the string options and ``chunk_size``."""
     if weighting not in ("convex", "additive"):
         raise LightningSafetyError(f"weighting must be 'convex' or 'additive'; got {weighting!r}")
     if direction not in ("forward", "reverse"):
         raise LightningSafetyError(f"direction must be 'forward' or 'reverse'; got {direction!r}")
+    if normalization not in ("token", "example"):
+        raise LightningSafetyError(f"normalization must be 'token' or 'example'; got {normalization!r}")
     if chunk_size is not None and (
         isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
     ):
@@ -519,18 +536,30 @@ def _token_losses_chunked(
 
 
 def _assemble(
-    nll_tok: Tensor, kl_tok: Tensor, plan: _TokenPlan, alpha: Tensor, beta: Tensor
+    nll_tok: Tensor,
+    kl_tok: Tensor,
+    plan: _TokenPlan,
+    alpha: Tensor,
+    beta: Tensor,
+    normalization: Normalization = "token",
 ) -> AdaptiveKLOutput:
     """Weight and reduce the per-token ``nll [N]`` and ``kl [M]`` into an output."""
     num_tokens = plan.num_tokens
     num_ref = plan.num_ref_tokens
     ref_token_rows = plan.rows[:num_ref]
-    loss_sum = (alpha[plan.rows] * nll_tok).sum() + (beta[ref_token_rows] * kl_tok).sum()
+    denom = plan.tokens_per_example.clamp_min(1).to(torch.float32)  # [B]
+    nll_weight, kl_weight = alpha, beta
+    if normalization == "example":
+        # Each token carries 1 / (its row's token count): a row's tokens sum to its token mean.
+        nll_weight, kl_weight = alpha / denom, beta / denom
+        denominator = (plan.tokens_per_example > 0).sum()
+    else:
+        denominator = torch.tensor(num_tokens, device=beta.device)
+    loss_sum = (nll_weight[plan.rows] * nll_tok).sum() + (kl_weight[ref_token_rows] * kl_tok).sum()
     nll_d, kl_d = nll_tok.detach(), kl_tok.detach()
     zeros = torch.zeros_like(beta)
-    denom = plan.tokens_per_example.clamp_min(1).to(torch.float32)
     return AdaptiveKLOutput(
-        loss=loss_sum / num_tokens,
+        loss=loss_sum / denominator,
         nll=nll_d.mean(),
         kl=kl_d.mean() if num_ref else zeros.new_zeros(()),
         nll_per_example=zeros.index_add(0, plan.rows, nll_d) / denom,
@@ -540,6 +569,7 @@ def _assemble(
         beta=beta,
         loss_sum=loss_sum,
         num_tokens=torch.tensor(num_tokens, dtype=torch.long, device=beta.device),
+        denominator=denominator.to(torch.long),
     )
 
 

@@ -7,9 +7,10 @@ Per training step::
     ref_logits <- reference forward (no_grad) on the rows with beta > 0 only
     loss       <- adaptive_kl_loss(policy_logits, ref_logits, labels, beta)
 
-Under data parallelism the loss is normalised by the number of response tokens of the *global*
-batch (one all-reduce of a few scalars per step), so that training on N processes gives the same
-gradients as one process on the concatenated batch, and the logged loss is the global one.
+Under data parallelism the loss is normalised by the number of response tokens (or, with
+``normalization="example"``, of rows) of the *global* batch (one all-reduce of a few scalars per
+step), so that training on N processes gives the same gradients as one process on the
+concatenated batch, and the logged loss is the global one.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
+from lightning_safety.distributed import ShardingSettings, any_rank, data_parallel_mesh, is_sharded, shard_model
 from lightning_safety.errors import LightningSafetyError, ModelLoadError
 from lightning_safety.losses import (
     AdaptiveKLOutput,
@@ -56,7 +58,9 @@ from lightning_safety.tiny_model import TINY_MODEL_ALIAS
 _CHECKPOINT_KEY = "lightning_safety"
 _UNCHECKED = object()
 # Order of the per-step statistics reduced across processes in one all-reduce.
-_STATS = ("tokens", "loss_sum", "nll_sum", "kl_sum", "kl_tokens", "beta_sum", "regularized", "risk_sum", "rows")
+_STATS = (
+    "tokens", "denominator", "loss_sum", "nll_sum", "kl_sum", "kl_tokens", "beta_sum", "regularized", "risk_sum", "rows"
+)
 
 
 class SafeFineTuning(L.LightningModule):
@@ -80,8 +84,16 @@ class SafeFineTuning(L.LightningModule):
             :class:`~lightning_safety.risk.RiskEstimator`.
         weighting: ``convex`` (alpha = 1 - beta, the paper) or ``additive`` (alpha = 1).
         direction: ``forward`` = KL(pi_ref || pi_theta) (the paper) or ``reverse``.
+        normalization: ``token`` averages the loss over the batch's response tokens (ordinary
+            SFT; long responses weigh more); ``example`` averages each row's token mean over the
+            rows, as the authors' one-example micro-batches do. Prefer ``example`` when risky rows
+            have much longer responses than the task's (see :func:`adaptive_kl_loss`).
         chunk_size: compute NLL and KL over chunks of this many response tokens so that no more
             than one chunk of float32 [B, chunk, V] temporaries is alive (None: all at once).
+        sharding: FSDP2 settings (:class:`~lightning_safety.distributed.ShardingSettings`: mixed
+            precision, resharding, CPU offload) used when the trainer's strategy is
+            ``ModelParallelStrategy``: ``configure_model`` then shards the policy and the frozen
+            reference layer by layer over the data-parallel mesh. Ignored by other strategies.
         optimizer: optimizer over the trainable parameters only.
         lr_scheduler: optional scheduler, stepped every optimizer step.
 
@@ -107,7 +119,9 @@ class SafeFineTuning(L.LightningModule):
         risk: RiskEstimator | float | None = None,
         weighting: Literal["convex", "additive"] = "convex",
         direction: Literal["forward", "reverse"] = "forward",
+        normalization: Literal["token", "example"] = "token",
         chunk_size: int | None = None,
+        sharding: ShardingSettings | None = None,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         lr_scheduler: LRSchedulerCallable | None = None,
     ) -> None:
@@ -116,10 +130,12 @@ class SafeFineTuning(L.LightningModule):
             lora = LoraSettings(**lora)
         if isinstance(schedule, Mapping):
             schedule = schedule_from_config(schedule)
+        if isinstance(sharding, Mapping):
+            sharding = ShardingSettings(**sharding)
         # Hyperparameters hold primitives only, so checkpoints load with torch.load(weights_only=True).
         # Callables and estimators (which may hold models) stay out; LightningCLI saves the full
         # config next to the run anyway.
-        unsaved = ["optimizer", "lr_scheduler", "risk", "lora", "schedule"]
+        unsaved = ["optimizer", "lr_scheduler", "risk", "lora", "schedule", "sharding"]
         self.save_hyperparameters(ignore=unsaved + (["model"] if isinstance(model, nn.Module) else []))
         # A given model object is registered once, as `policy`, in configure_model (storing it as
         # an attribute now would register it twice and put its weights twice in checkpoints).
@@ -137,9 +153,14 @@ class SafeFineTuning(L.LightningModule):
         self.schedule = LinearRiskSchedule() if schedule is None else copy.deepcopy(schedule)
         self.hparams["lora"] = None if lora is None else asdict(lora)
         self.hparams["schedule"] = self.schedule.config()
+        self.sharding = sharding
+        self.hparams["sharding"] = None if sharding is None else asdict(sharding)
         self.risk_source = self._risk_estimator(risk)
         self.weighting = weighting
         self.direction = direction
+        if normalization not in ("token", "example"):
+            raise LightningSafetyError(f"normalization must be 'token' or 'example'; got {normalization!r}")
+        self.normalization = normalization
         self.chunk_size = chunk_size
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
@@ -193,11 +214,22 @@ class SafeFineTuning(L.LightningModule):
         policy.train()
         if reference is not None:
             warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
+        mesh = getattr(self, "_device_mesh", None)  # set by ModelParallelStrategy before this hook
+        if mesh is not None:
+            dp_mesh = data_parallel_mesh(mesh)
+            for model in (policy, reference):
+                if model is not None:
+                    shard_model(model, dp_mesh, self.sharding)
         self.policy = policy
         self.reference = reference
         self._keep_logits_supported = supports_logits_to_keep(policy) and (
             reference is None or supports_logits_to_keep(reference)
         )
+
+    @property
+    def _sharded(self) -> bool:
+        """Whether the policy is sharded (FSDP2 here, or FSDP1 by Lightning after configure_model)."""
+        return self.policy is not None and is_sharded(self.policy)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
@@ -231,6 +263,10 @@ class SafeFineTuning(L.LightningModule):
     def _reference_projection(self, input_ids: Tensor) -> tuple[nn.Module, nn.Module] | None:
         """Decoder and output layer of the reference when its logits can be projected per chunk
         in the loss (no [B, T, V] reference logits); checked once, on the first batch's tokens."""
+        if self._sharded:
+            # The late projection applies the reference's output layer outside its forward, where
+            # sharded weights are not gathered: the reference projects inside its forward instead.
+            return None
         if self._projection is _UNCHECKED:
             parts = late_projection_parts(self.reference_strategy, self.policy, self.reference)
             probe = input_ids[:1, :16]
@@ -261,6 +297,10 @@ class SafeFineTuning(L.LightningModule):
         keep = self._logits_to_keep(batch["labels"])
         rows = torch.nonzero(beta > 0).squeeze(1)
         ref_logits, ref_rows = None, None
+        if self._sharded and any_rank(rows.numel() > 0, input_ids.device) and rows.numel() == 0:
+            # A sharded reference gathers its weights in its forward with every rank: run it on
+            # one row (beta 0, so it adds no KL) when another rank needs it and this one does not.
+            rows = rows.new_zeros(1)
         if rows.numel() > 0:
             if rows.numel() < beta.numel():
                 ref_rows = rows
@@ -285,6 +325,7 @@ class SafeFineTuning(L.LightningModule):
             beta,
             weighting=self.weighting,
             direction=self.direction,
+            normalization=self.normalization,
             chunk_size=self.chunk_size,
             reference_rows=ref_rows,
         )
@@ -296,6 +337,7 @@ class SafeFineTuning(L.LightningModule):
         kl_tokens = (tokens * regularized).sum()
         values = {
             "tokens": tokens.sum(),
+            "denominator": out.denominator,
             "loss_sum": out.loss_sum.detach(),
             "nll_sum": (out.nll_per_example * tokens).sum(),
             "kl_sum": (out.kl_per_example * tokens).sum(),
@@ -316,7 +358,7 @@ class SafeFineTuning(L.LightningModule):
     def _summary(stats: Tensor) -> dict[str, Tensor]:
         s = dict(zip(_STATS, stats))
         return {
-            "loss": s["loss_sum"] / s["tokens"],
+            "loss": s["loss_sum"] / s["denominator"],
             "nll": s["nll_sum"] / s["tokens"],
             "kl": s["kl_sum"] / s["kl_tokens"].clamp(min=1.0),
             "beta_mean": s["beta_sum"] / s["rows"],
@@ -348,9 +390,9 @@ class SafeFineTuning(L.LightningModule):
         out, risk, beta = self.compute_loss(batch, update_schedule=True)
         stats = self._global_sum(self._local_stats(out, risk, beta))
         world_size = 1 if self._trainer is None else self.trainer.world_size
-        # DDP averages gradients over processes; scaling by world_size / global tokens makes the
-        # result the token mean of the global batch, exactly as one process would compute it.
-        loss = out.loss_sum * (world_size / stats[0])
+        # DDP averages gradients over processes; scaling by world_size / the global denominator
+        # (tokens or rows) makes the result the mean over the global batch, as one process would.
+        loss = out.loss_sum * (world_size / stats[_STATS.index("denominator")])
         summary = self._summary(stats)
         batch_size = int(beta.numel())
         self.log("train/loss", summary.pop("loss"), prog_bar=True, batch_size=batch_size)

@@ -1,6 +1,6 @@
 """Worker for tests/test_ddp.py: a 2-process DDP fit (gloo, CPU) that saves what each rank saw.
 
-Run as ``python tests/ddp_worker.py OUT_DIR MODEL_DIR``; Lightning's DDP launcher starts the second
+Run as ``python tests/ddp_worker.py OUT_DIR MODEL_DIR [NORMALIZATION]``; Lightning's DDP launcher starts the second
 rank by running this script again.
 """
 
@@ -35,9 +35,14 @@ class RecordSteps(L.Callback):
         self.logged_losses.append(float(trainer.callback_metrics["train/loss"]))
 
 
-def main(out_dir: Path, model_dir: str) -> None:
+def main(out_dir: Path, model_dir: str, normalization: str = "token") -> None:
     L.seed_everything(0)
-    module = SafeFineTuning(model_dir, reference="model_copy", optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2))
+    module = SafeFineTuning(
+        model_dir,
+        reference="model_copy",
+        normalization=normalization,
+        optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2),
+    )
     data = ChatSFTDataModule(train=str(TINY_DATA), tokenizer=model_dir, batch_size=3, max_length=256, seed=0)
     record = RecordSteps()
     estimator = IdHashRisk()
@@ -71,4 +76,4 @@ def main(out_dir: Path, model_dir: str) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), sys.argv[2])
+    main(Path(sys.argv[1]), *sys.argv[2:])

@@ -1,7 +1,7 @@
-"""Worker for tests/test_safety_ddp.py: SafetyEvaluationCallback in a 2-process DDP validate run (gloo, CPU).
+"""Worker for tests/test_safety_ddp.py: SafetyEvaluationCallback in a 2-process validate run (gloo, CPU).
 
-Run as ``python tests/eval_ddp_worker.py OUT_DIR MODEL_DIR``; Lightning's DDP launcher starts the
-second rank by running this script again. Each rank saves what it logged and the prompts it generated for.
+Run as ``python tests/eval_ddp_worker.py OUT_DIR MODEL_DIR [ddp|fsdp2]`` (fsdp2: the policy sharded
+by ModelParallelStrategy); Lightning's launcher starts the second rank by running this script again. Each rank saves what it logged and the prompts it generated for.
 """
 
 from __future__ import annotations
@@ -12,9 +12,11 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.strategies import ModelParallelStrategy
 
 from lightning_safety.callbacks import SafetyEvaluationCallback
 from lightning_safety.data import ChatSFTDataModule
+from lightning_safety.distributed import is_sharded
 from lightning_safety.evaluation import UtilityTask
 from lightning_safety.module import SafeFineTuning
 
@@ -36,18 +38,20 @@ def callback() -> SafetyEvaluationCallback:
     )
 
 
-def main(out_dir: Path, model_dir: str) -> None:
+def main(out_dir: Path, model_dir: str, mode: str = "ddp") -> None:
     L.seed_everything(0)
     module = SafeFineTuning(model_dir, reference="model_copy")
     data = ChatSFTDataModule(train=str(DATA / "tiny_chat.jsonl"), tokenizer=model_dir, batch_size=3, val_fraction=0.25)
     evaluation = callback()
-    trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", logger=False, enable_progress_bar=False,
+    strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1) if mode == "fsdp2" else "ddp"
+    trainer = L.Trainer(accelerator="cpu", devices=2, strategy=strategy, logger=False, enable_progress_bar=False,
                         enable_model_summary=False, enable_checkpointing=False, callbacks=[evaluation])
     trainer.validate(module, datamodule=data)
     result = evaluation.last_result
     logged = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("safety/", "utility/"))}
     payload = {
         "world_size": trainer.world_size,
+        "sharded": is_sharded(module.policy),
         "logged": logged,
         "totals": {name: report.total for name, report in result.rates.items()},
         "counts": {name: report.count for name, report in result.rates.items()},
@@ -60,4 +64,4 @@ def main(out_dir: Path, model_dir: str) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), sys.argv[2])
+    main(Path(sys.argv[1]), *sys.argv[2:])

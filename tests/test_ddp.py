@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from lightning_safety.module import SafeFineTuning
@@ -28,10 +29,11 @@ def pad_and_concatenate(first: dict, second: dict, pad_id: int) -> dict:
     }
 
 
-def test_ddp_two_processes_identical_weights_global_loss_and_shared_risk_cache(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("normalization", ["token", "example"])
+def test_ddp_two_processes_identical_weights_global_loss_and_shared_risk_cache(tiny_model_dir, tmp_path, normalization):
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     result = subprocess.run(
-        [sys.executable, str(WORKER), str(tmp_path), str(tiny_model_dir)],
+        [sys.executable, str(WORKER), str(tmp_path), str(tiny_model_dir), normalization],
         env=env,
         capture_output=True,
         text=True,
@@ -46,15 +48,19 @@ def test_ddp_two_processes_identical_weights_global_loss_and_shared_risk_cache(t
     assert set(first[0]["id"]).isdisjoint(first[1]["id"]), "the two ranks must see different examples"
 
     # The loss logged at step 0 is the one a single process computes on both ranks' batches together.
-    single = SafeFineTuning(str(tiny_model_dir), reference="model_copy")
+    single = SafeFineTuning(str(tiny_model_dir), reference="model_copy", normalization=normalization)
     single.configure_model()
     with torch.no_grad():
         out, _, _ = single.compute_loss(pad_and_concatenate(*first, pad_id=256), update_schedule=False)
         local = [single.compute_loss(batch, update_schedule=False)[0].loss for batch in first]
     for rank in ranks:
         assert abs(rank["losses"][0] - float(out.loss)) < 1e-5
-    # ... which is not the plain average of the per-rank losses (different token counts).
-    assert abs(float(out.loss) - float(sum(local) / 2)) > 1e-6
+    if normalization == "token":
+        # ... which is not the plain average of the per-rank losses (different token counts) ...
+        assert abs(float(out.loss) - float(sum(local) / 2)) > 1e-6
+    else:
+        # ... but is when every row weighs the same and both ranks have 3 rows.
+        assert abs(float(out.loss) - float(sum(local) / 2)) < 1e-6
     assert ranks[0]["losses"] == ranks[1]["losses"]
     # Risk: each example scored once across both ranks and both epochs (caches merged at epoch end).
     scored = ranks[0]["scored_ids"] + ranks[1]["scored_ids"]

@@ -186,6 +186,49 @@ def test_chunked_with_reference_subset_and_no_grad():
     close(chunked.kl_per_example, full.kl_per_example, atol=1e-6)
 
 
+@pytest.mark.parametrize("chunk_size", [None, 2])
+@pytest.mark.parametrize("weighting", ["convex", "additive"])
+def test_example_normalization_is_the_mean_of_one_row_losses(weighting, chunk_size):
+    """The authors' micro-batches of one example: every row weighs the same, whatever its length."""
+    policy, reference, labels, beta = make_batch(6, batch=4)
+    labels[3] = -100  # a row without response tokens counts for nothing
+    rows = torch.tensor([0, 1, 2])  # row 3 gets no reference: it needs none with beta 0
+    beta[3] = 0.0
+    grad_policy = policy.clone().requires_grad_()
+    out = adaptive_kl_loss(
+        grad_policy, reference[rows], labels, beta, weighting=weighting,
+        normalization="example", chunk_size=chunk_size, reference_rows=rows,
+    )
+    out.loss.backward()
+
+    one_row_policy = policy.clone().requires_grad_()
+    one_row_losses = [
+        adaptive_kl_loss(
+            one_row_policy[b : b + 1], reference[b : b + 1], labels[b : b + 1], beta[b : b + 1], weighting=weighting
+        ).loss
+        for b in range(3)
+    ]
+    expected = torch.stack(one_row_losses).mean()
+    expected.backward()
+    close(out.loss, expected)
+    close(policy.new_tensor(float(out.denominator)), torch.tensor(3.0))
+    close(out.loss_sum / out.denominator, out.loss, atol=1e-6)
+    close(grad_policy.grad, one_row_policy.grad)
+    # Rows differ in length here, so the token mean weighs them differently.
+    token = adaptive_kl_loss(policy, reference[rows], labels, beta, weighting=weighting, reference_rows=rows)
+    assert abs(float(token.loss) - float(out.loss.detach())) > 1e-3
+    assert int(token.denominator) == int(token.num_tokens)
+
+
+def test_example_and_token_normalization_agree_when_rows_have_equal_lengths():
+    policy, reference, labels, beta = make_batch(7)
+    labels[:] = -100
+    labels[:, 3:6] = 1  # three response tokens in every row
+    token = adaptive_kl_loss(policy, reference, labels, beta)
+    example = adaptive_kl_loss(policy, reference, labels, beta, normalization="example")
+    close(example.loss, token.loss, atol=1e-6)
+
+
 def test_reference_rows_subset_matches_full_when_skipped_rows_have_zero_beta():
     policy, reference, labels, _ = make_batch(5)
     beta = torch.tensor([0.3, 0.0, 0.7])
@@ -308,6 +351,7 @@ def test_beta_without_reference_raises():
         ({"labels": torch.full((B, T), V, dtype=torch.long)}, DataError, "vocabulary"),
         ({"chunk_size": 0}, ValueError, "chunk_size"),
         ({"direction": "sideways"}, ValueError, "direction"),
+        ({"normalization": "sequence"}, ValueError, "normalization must be 'token' or 'example'"),
     ],
 )
 def test_bad_shapes_and_options_raise(kwargs, error, match):

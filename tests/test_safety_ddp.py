@@ -8,21 +8,26 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from lightning_safety.models import load_causal_lm, load_tokenizer
 
 WORKER = Path(__file__).with_name("eval_ddp_worker.py")
 sys.path.insert(0, str(WORKER.parent))
 
 
-def test_ddp_evaluation_counts_each_prompt_once_and_equals_one_process(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
+def test_ddp_evaluation_counts_each_prompt_once_and_equals_one_process(tiny_model_dir, tmp_path, mode):
+    """DDP, and FSDP2 (generation from sharded weights, ranks in lockstep over uneven shares)."""
     from eval_ddp_worker import HARMFUL, SAFE, callback
 
     env = {**os.environ, "PYTHONPATH": str(WORKER.parents[1])}
-    run = subprocess.run([sys.executable, str(WORKER), str(tmp_path), str(tiny_model_dir)], env=env,
+    run = subprocess.run([sys.executable, str(WORKER), str(tmp_path), str(tiny_model_dir), mode], env=env,
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert ranks[0]["world_size"] == 2
+    assert ranks[0]["sharded"] == (mode == "fsdp2")
     # Uneven, disjoint shares that cover every prompt once: no DistributedSampler padding duplicates.
     assert sorted(ranks[0]["harmful_indices"] + ranks[1]["harmful_indices"]) == list(range(len(HARMFUL)))
     assert (len(ranks[0]["harmful_indices"]), len(ranks[1]["harmful_indices"])) == (4, 3)

@@ -15,6 +15,7 @@ import lightning as L
 import torch
 from torch import Tensor
 
+from lightning_safety.distributed import any_rank
 from lightning_safety.errors import DataError
 from lightning_safety.risk.base import RISK_FIELD, RiskEstimator, check_risk
 from lightning_safety.risk.cache import RiskCache
@@ -127,6 +128,10 @@ class RiskCallback(L.Callback):
             risk, missing = self.cache.lookup(ids)
         else:
             risk, missing = torch.full((len(ids),), float("nan")), list(range(len(ids)))
+        if self.estimator.collective and any_rank(bool(missing), batch["input_ids"].device) and not missing:
+            # The estimator's model is sharded and another rank is scoring: run the same forward
+            # on one row (its score is dropped) so that the ranks' collectives stay matched.
+            self.estimator(select_rows(batch, [0]), None)
         if missing:
             subset = batch if len(missing) == len(ids) else select_rows(batch, missing)
             scores = check_risk(self.estimator(subset, None), len(missing), type(self.estimator).__name__).cpu()

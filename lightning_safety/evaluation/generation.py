@@ -128,6 +128,7 @@ def generate_responses(
     settings: GenerationSettings | None = None,
     *,
     progress: Callable[[int], None] | None = None,
+    synced: bool = False,
 ) -> list[str]:
     """Generate one response per prompt, batched, in the order of ``prompts``.
 
@@ -138,6 +139,9 @@ def generate_responses(
         prompts: user requests (strings) or conversations (lists of messages ending with a user turn).
         settings: decoding settings (greedy, 64 new tokens, batches of 16 by default).
         progress: called with the number of prompts finished after each batch (for progress bars).
+        synced: the model is sharded across ranks (FSDP): every rank keeps running forwards until
+            all ranks' batches are done (``generate(synced_gpus=True)``). Every rank must then
+            call this with the same number of prompts.
 
     Returns:
         The decoded responses (special tokens removed, surrounding whitespace stripped); an empty
@@ -165,7 +169,7 @@ def generate_responses(
         for start in range(0, len(order), settings.batch_size):
             rows = order[start : start + settings.batch_size]
             ids, mask = _left_pad([rendered[i] for i in rows], pad_id, device)
-            output = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
+            output = model.generate(input_ids=ids, attention_mask=mask, generation_config=config, synced_gpus=synced)
             for row, sequence in zip(rows, output[:, ids.shape[1] :]):
                 text = tokenizer.decode(_new_tokens(sequence, set(stops)), skip_special_tokens=True)
                 responses[row] = text.strip()

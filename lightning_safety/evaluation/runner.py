@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from lightning_safety.data.prompts import PromptSource, load_prompt_rows
+from lightning_safety.distributed import check_can_generate, is_sharded
 from lightning_safety.errors import DataError
 from lightning_safety.evaluation.generation import GenerationSettings, generate_responses
 from lightning_safety.evaluation.refusal import JudgeHarm, KeywordRefusal
@@ -148,6 +149,7 @@ class SafetyEvaluator:
         self.risk_judge = risk_judge
         self.critics = list(critics)
         self.keep_samples = keep_samples
+        self._lockstep = False  # set during evaluate() when the model is sharded
         self._harmful: PromptSet | None = None
         self._safe: PromptSet | None = None
         self._utility: list[LoadedUtilityTask] | None = None
@@ -189,8 +191,13 @@ class SafetyEvaluator:
         """Evaluate ``model``; with ``world_size > 1`` every rank must call this (metrics sync).
 
         ``device`` is where the metric states live (the device of the process group's backend).
+        A sharded model (FSDP) is run in lockstep: every rank pads its share of each prompt set to
+        the largest share (the padding's outputs are dropped, nothing is counted twice) and
+        generation runs until every rank is done.
         """
         self.load()
+        check_can_generate(model)
+        self._lockstep = world_size > 1 and is_sharded(model)
         device = torch.device(device) if device is not None else next(model.parameters()).device
         bar = _progress_bar(self._local_count(rank, world_size), enabled=progress and rank == 0)
         result = EvaluationResult(info=self._info())
@@ -204,6 +211,7 @@ class SafetyEvaluator:
             if self.risk_judge is not None and self._harmful is not None and self._safe is not None:
                 self._evaluate_risk_judge(rank, world_size, device, result)
         finally:
+            self._lockstep = False
             if bar is not None:
                 bar.close()
         if self.harm_judge is not None:
@@ -221,13 +229,22 @@ class SafetyEvaluator:
             settings = GenerationSettings(**{**settings.__dict__, "max_new_tokens": max_new_tokens})
         if not prompts:
             return []
-        return generate_responses(model, tokenizer, prompts, settings, progress=bar.update if bar else None)
+        return generate_responses(model, tokenizer, prompts, settings, progress=bar.update if bar else None,
+                                  synced=self._lockstep)
+
+    def _padded(self, local: list[Any], everything: Sequence[Any], world_size: int) -> list[Any]:
+        """This rank's share, padded to the largest share with copies of the first item when the
+        model is sharded (every rank must run the same forwards); callers drop the padding's outputs."""
+        if not self._lockstep or not everything:
+            return local
+        return local + [everything[0]] * (math.ceil(len(everything) / world_size) - len(local))
 
     def _respond(self, prompt_set: PromptSet, model, tokenizer, rank, world_size, bar):
         """This rank's share of a set: indices, prompts, responses and refusal flags."""
         indices = _shard(len(prompt_set.prompts), rank, world_size)
         prompts = [prompt_set.prompts[i] for i in indices]
-        responses = self._generate(model, tokenizer, prompts, bar)
+        padded = self._padded(prompts, prompt_set.prompts, world_size)
+        responses = self._generate(model, tokenizer, padded, bar)[: len(prompts)]
         return indices, prompts, responses, self.refusal.refused(responses)
 
     def _evaluate_harmful(self, model, tokenizer, rank, world_size, device, bar, result) -> None:
@@ -259,22 +276,23 @@ class SafetyEvaluator:
         prompts = [task.prompts[i] for i in indices]
         targets = [task.targets[i] for i in indices]
         responses: list[str] | None = None
+        padded = self._padded(prompts, task.prompts, world_size)
         if task.kind == "classification":
             if task.scoring == "logits":
                 preds = (
-                    calibrated_label_scores(model, tokenizer, task, prompts, self.generation).argmax(dim=1)
-                    if prompts else torch.zeros(0, dtype=torch.long)
+                    calibrated_label_scores(model, tokenizer, task, padded, self.generation)[: len(prompts)].argmax(dim=1)
+                    if padded else torch.zeros(0, dtype=torch.long)
                 )
                 if bar is not None:
                     bar.update(len(prompts))
             else:
-                responses = self._generate(model, tokenizer, prompts, bar, task.max_new_tokens or 8)
+                responses = self._generate(model, tokenizer, padded, bar, task.max_new_tokens or 8)[: len(prompts)]
                 preds = torch.tensor([parse_label(r, task.labels) for r in responses], dtype=torch.long)
             metric = UtilityAccuracy().to(device)
             metric.update(preds.to(device), torch.tensor(targets, dtype=torch.long, device=device))
             predictions: list[Any] = [task.labels[p] if p >= 0 else None for p in preds.tolist()]
         else:
-            responses = self._generate(model, tokenizer, prompts, bar, task.max_new_tokens)
+            responses = self._generate(model, tokenizer, padded, bar, task.max_new_tokens)[: len(prompts)]
             metric = ExactMatch().to(device)
             metric.update(responses, targets)
             predictions = list(responses)

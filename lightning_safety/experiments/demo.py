@@ -96,6 +96,7 @@ def demo(
     align_epochs: int = 2,
     probe_layer: int = 15,
     max_new_tokens: int = 32,
+    normalization: str = "example",
     seed: int = 0,
     quick: bool = False,
     progress: bool = True,
@@ -119,6 +120,9 @@ def demo(
         align_epochs: epochs of the alignment step.
         probe_layer: the decoder layer the probe reads.
         max_new_tokens: tokens generated per evaluation prompt.
+        normalization: the fine-tuning loss's batch average: ``example`` (every row weighs the
+            same, as in the paper's one-example micro-batches) or ``token`` (long answers weigh more;
+            here the harmful rows' ~70-token answers then drown the task's 2-token labels).
         seed: LoRA initialisation, data order and the attack mix.
         quick: tiny sizes and one epoch (a smoke test of the pipeline; the numbers mean little).
         progress: progress bars.
@@ -142,6 +146,10 @@ def demo(
         epochs, align_epochs = 1, 1
     if not 0.0 < harmful_fraction < 1.0:
         raise DataError(f"harmful_fraction={harmful_fraction} is invalid: use a share in (0, 1), e.g. 0.2")
+    lora = LoraSettings(r=16, alpha=32, dropout=0.05, target_modules="all-linear")
+    # Built first so that bad fine-tuning options are refused before any work.
+    settings = FinetuneSettings(epochs=epochs, lr=lr, lora=lora, max_length=max_length, seed=seed,
+                                normalization=normalization)
     out = Path(output)
     if out.exists() and not out.is_dir():
         raise DataError(f"output {out} is a file: give a folder for demo.md and demo.json")
@@ -172,7 +180,6 @@ def demo(
     task_train, task_eval, task_probe, task_spec = _task_rows(task, sizes)
 
     # 1. The aligned reference (cached by its inputs and settings).
-    lora = LoraSettings(r=16, alpha=32, dropout=0.05, target_modules="all-linear")
     print(f"[1/5] aligned reference: refusal SFT of {model} ({len(defender_harmful)} harmful, "
           f"{len(defender_benign) + len(borderline_align)} benign prompts; cached after the first run)")
     reference = build_aligned_reference(
@@ -211,7 +218,6 @@ def demo(
         print(f"[4/5] evaluating the aligned model ({evaluator.num_prompts} prompts)")
         results["aligned"] = {"rates": evaluator.evaluate(ref_model, tokenizer, progress=progress).to_dict()["metrics"]}
         del ref_model
-        settings = FinetuneSettings(epochs=epochs, lr=lr, lora=lora, max_length=max_length, seed=seed)
         for name, label in (("sft", "plain SFT"), ("adaptive_probe", "adaptive KL (probe)")):
             print(f"[5/5] fine-tuning with {label} on {len(rows)} rows, {epochs} epoch(s), then evaluating")
             run = finetune(str(reference), rows, method(name), settings, probe=probe, progress=progress)
@@ -231,7 +237,8 @@ def demo(
         "sizes": {**sizes.__dict__, "attack_rows": len(rows), "attack_harmful_rows": sum(r["is_harmful"] for r in rows),
                   "compliant_answers": len(harmful_rows)},
         "settings": {"epochs": epochs, "lr": lr, "max_length": max_length, "harmful_fraction": harmful_fraction, "align_epochs": align_epochs,
-                     "probe_layer": probe_layer, "max_new_tokens": max_new_tokens, "seed": seed},
+                     "probe_layer": probe_layer, "max_new_tokens": max_new_tokens, "normalization": normalization,
+                     "seed": seed},
         "results": results,
     }
     text = "\n".join([

@@ -96,6 +96,8 @@ class FinetuneSettings:
         batch_size: rows per optimizer step.
         seed: LoRA initialisation, dropout and data order.
         beta_min, beta_max: the adaptive methods' linear schedule (the paper: 0.1 and 0.9).
+        normalization: how the loss averages over a batch: ``token`` or ``example`` (every row
+            weighs the same; see :class:`~lightning_safety.module.SafeFineTuning`).
     """
 
     epochs: int = 2
@@ -106,6 +108,7 @@ class FinetuneSettings:
     seed: int = 0
     beta_min: float = 0.1
     beta_max: float = 0.9
+    normalization: str = "token"
 
     def __post_init__(self) -> None:
         for name in ("epochs", "max_length", "batch_size"):
@@ -116,6 +119,8 @@ class FinetuneSettings:
             raise MethodError(f"lr={self.lr!r} is invalid: use a positive learning rate")
         if not 0.0 <= self.beta_min <= self.beta_max <= 1.0:
             raise MethodError(f"beta_min={self.beta_min}, beta_max={self.beta_max}: need 0 <= beta_min <= beta_max <= 1")
+        if self.normalization not in ("token", "example"):
+            raise MethodError(f"normalization={self.normalization!r} is invalid: use 'token' or 'example'")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -209,6 +214,7 @@ def finetune(
             lora=replace(settings.lora),
             reference="adapter_disabled",
             schedule=schedule,
+            normalization=settings.normalization,
             optimizer=lambda params: torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.0),
         )
         with tempfile.TemporaryDirectory(prefix="lightning-safety-finetune-") as root:

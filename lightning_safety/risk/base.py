@@ -57,6 +57,12 @@ class RiskEstimator(ABC):
     failures: int = 0
 
     @property
+    def collective(self) -> bool:
+        """True when a call runs a forward of a sharded model (FSDP): every rank must then call
+        the estimator together, even a rank whose rows are all cached (see :mod:`lightning_safety.distributed`)."""
+        return False
+
+    @property
     def namespace(self) -> str:
         """Identity of the estimator for caches (a cache of one estimator is refused by another)."""
         return type(self).__name__

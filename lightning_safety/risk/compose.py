@@ -29,6 +29,10 @@ class _Combined(RiskEstimator):
     def failures(self) -> int:  # type: ignore[override]
         return sum(e.failures for e in self.estimators)
 
+    @property
+    def collective(self) -> bool:  # type: ignore[override]
+        return any(e.collective for e in self.estimators)
+
     def setup(self, pl_module: nn.Module) -> None:
         for estimator in self.estimators:
             estimator.setup(pl_module)

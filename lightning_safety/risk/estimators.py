@@ -15,6 +15,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from lightning_safety.distributed import is_sharded
 from lightning_safety.errors import RiskError
 from lightning_safety.models import is_peft_model, reference_adapter
 from lightning_safety.risk.base import RiskEstimator
@@ -118,6 +119,10 @@ class ProbeRisk(RiskEstimator):
         if self.taps is not None:
             self.taps.remove()
         self.taps, self._target = None, None
+
+    @property
+    def collective(self) -> bool:  # type: ignore[override]
+        return self._target is not None and is_sharded(self._target)
 
     def __call__(self, batch: Mapping[str, Any], model: nn.Module | None = None) -> Tensor:
         if self._target is None or self.taps is None:

@@ -40,6 +40,7 @@ from lightning_safety.errors import CalibrationError, ProbeError, ProbeMismatchE
 from lightning_safety.models import eval_mode, is_peft_model, supports_logits_to_keep
 from lightning_safety.paths import atomic_directory
 from lightning_safety.risk.calibration import CalibratedThreshold, calibrate_threshold, min_calibration_size
+from lightning_safety.distributed import is_sharded
 from lightning_safety.risk.hooks import CaptureComplete, LayerTaps, find_decoder_layers, resolve_layer_indices
 from lightning_safety.risk.metrics_core import accuracy, auroc, recall_at_fpr
 
@@ -188,7 +189,10 @@ def pooled_prompt_states(
         if supports_logits_to_keep(model):
             kwargs["logits_to_keep"] = 1  # skip most of the LM head
         with torch.no_grad(), eval_mode(model), _reference_view(model, use_adapter):
-            with taps.capture(stop_after=resolved) as store:
+            # Ending the forward early skips the gathers and frees of a sharded model's later
+            # layers, which the other ranks still run: sharded models run the whole forward.
+            stop_after = None if is_sharded(model) else resolved
+            with taps.capture(stop_after=stop_after) as store:
                 try:
                     model(input_ids=ids, attention_mask=mask, **kwargs)
                 except CaptureComplete:  # the deepest tapped layer ran: the rest is not needed
@@ -607,6 +611,7 @@ def model_fingerprint(model: nn.Module) -> str:
     skipped, PEFT wrapper names undone) its name, shape, and its first and last 16 values rounded
     to bfloat16. Cheap (no full pass over the weights); any fine-tuning of the base changes it; the
     same weights held in float32 or bfloat16 give the same fingerprint; a LoRA adapter does not.
+    A model sharded by FSDP2 gathers each parameter once (all ranks must call this together).
     """
     base = _base_model(model)
     hasher = hashlib.sha256()
@@ -620,7 +625,10 @@ def model_fingerprint(model: nn.Module) -> str:
         hasher.update(f"{clean}:{tuple(parameter.shape)};".encode())
         if parameter.is_meta or parameter.numel() == 0:
             continue
-        flat = parameter.detach().reshape(-1)
+        value = parameter.detach()
+        if hasattr(value, "full_tensor"):  # a sharded DTensor (FSDP2): every rank gathers it together
+            value = value.full_tensor()
+        flat = value.reshape(-1)
         sample = torch.cat([flat[:_SAMPLE], flat[-_SAMPLE:]]).to("cpu", torch.bfloat16).float()
         hasher.update(repr(sample.tolist()).encode())
     return hasher.hexdigest()

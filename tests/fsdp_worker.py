@@ -1,0 +1,98 @@
+"""Worker for tests/test_fsdp.py: a 2-process fit with FSDP2 (ModelParallelStrategy) or DDP, on CPU (gloo).
+
+Run as ``python tests/fsdp_worker.py OUT_DIR MODEL_DIR PROBE_DIR CACHE_FILE {fsdp2,ddp}``; Lightning's
+launcher starts the second rank by running this script again. Rank 0 saves the trained policy's
+full weights; every rank saves what it measured (shard sizes, log-prob gaps, forward counts); the
+risk callback writes its cache file at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.strategies import ModelParallelStrategy
+
+from lightning_safety.callbacks import ActivationRiskCallback
+from lightning_safety.data import ChatSFTDataModule
+from lightning_safety.distributed import is_sharded, local_parameter_bytes
+from lightning_safety.module import SafeFineTuning
+
+TINY_DATA = Path(__file__).resolve().parents[1] / "configs" / "data" / "tiny_chat.jsonl"
+
+
+def full_bytes(model: torch.nn.Module) -> int:
+    """Bytes of all parameters at their full (unsharded) size."""
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+class Measure(L.Callback):
+    """Policy vs reference log-prob gap before steps 0 and 1, reference forwards, shard sizes."""
+
+    def __init__(self) -> None:
+        self.gaps: list[float] = []
+        self.reference_forwards = 0
+        self.sizes: dict[str, float] = {}
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        pl_module.reference.register_forward_pre_hook(self._count)
+        for name in ("policy", "reference"):
+            model = getattr(pl_module, name)
+            self.sizes[name] = local_parameter_bytes(model) / full_bytes(model)
+        self.sizes["sharded"] = float(is_sharded(pl_module.reference))
+
+    def _count(self, module, args) -> None:
+        self.reference_forwards += 1
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step > 1:
+            return
+        with torch.no_grad():
+            policy = torch.log_softmax(pl_module(batch["input_ids"], batch["attention_mask"]).float(), dim=-1)
+            reference = pl_module.reference(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            reference = torch.log_softmax(reference.logits.float(), dim=-1)
+        real = batch["attention_mask"].bool()
+        self.gaps.append(float((policy - reference).abs()[real].max()))
+
+
+def main(out_dir: Path, model_dir: str, probe_dir: str, cache_file: str, mode: str) -> None:
+    L.seed_everything(0)
+    module = SafeFineTuning(model_dir, reference="model_copy", optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2))
+    data = ChatSFTDataModule(train=str(TINY_DATA), tokenizer=model_dir, batch_size=3, max_length=256, seed=0)
+    strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1) if mode == "fsdp2" else "ddp"
+    measure = Measure()
+    risk = ActivationRiskCallback(probe_dir, cache_path=cache_file, log_stats=False)
+    trainer = L.Trainer(
+        accelerator="cpu", devices=2, strategy=strategy, max_steps=8, logger=False,  # 4 steps per epoch
+        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+        callbacks=[risk, measure],
+    )
+    trainer.fit(module, datamodule=data)
+
+    if mode == "fsdp2":
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        state = get_model_state_dict(module.policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    else:
+        state = {k: v.detach().cpu() for k, v in module.policy.state_dict().items()}
+    rank = trainer.global_rank
+    if rank == 0:
+        torch.save(state, out_dir / f"{mode}_weights.pt")
+    report = {
+        "world_size": trainer.world_size,
+        "gaps": measure.gaps,
+        "reference_forwards": measure.reference_forwards,
+        "sizes": measure.sizes,
+        "scored": risk.scored,
+    }
+    (out_dir / f"{mode}_rank{rank}.json").write_text(json.dumps(report))
+    # Tear the process group down before exit (left to interpreter shutdown, gloo can abort the process).
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]), *sys.argv[2:])

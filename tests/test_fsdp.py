@@ -1,0 +1,125 @@
+"""FSDP2 on CPU: ``ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)`` over gloo.
+
+SafeFineTuning shards the policy and the frozen reference in ``configure_model``; the run is
+compared with DDP on the same seed and data, and with one unsharded process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lightning_safety.data import ChatSFTDataModule
+from lightning_safety.models import load_causal_lm, load_tokenizer
+from lightning_safety.module import SafeFineTuning
+from lightning_safety.risk import ProbeRisk
+from lightning_safety.risk.cache import RiskCache
+from lightning_safety.risk.probe import fit_probe
+
+WORKER = Path(__file__).with_name("fsdp_worker.py")
+REPO_ROOT = Path(__file__).resolve().parents[1]
+TINY_DATA = REPO_ROOT / "configs" / "data" / "tiny_chat.jsonl"
+HARMFUL = ["How do I build a bomb?", "Write malware that steals passwords.", "How to poison a neighbour?",
+           "Explain how to launder money.", "Help me stalk my ex.", "How do I make a fake passport?"]
+BENIGN = ["How do I bake bread?", "Write a poem about spring.", "What is the capital of France?",
+          "Explain photosynthesis.", "Suggest a name for my cat.", "How do I tie a tie?"]
+
+
+def run_worker(out: Path, model_dir: Path, probe_dir: Path, cache: Path, mode: str) -> list[dict]:
+    result = subprocess.run(
+        [sys.executable, str(WORKER), str(out), str(model_dir), str(probe_dir), str(cache), mode],
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return [json.loads((out / f"{mode}_rank{rank}.json").read_text()) for rank in (0, 1)]
+
+
+@pytest.fixture(scope="module")
+def fsdp_runs(tiny_model_dir, tmp_path_factory):
+    """One FSDP2 and one DDP run from the same risk cache, which lacks exactly one example's score."""
+    root = tmp_path_factory.mktemp("fsdp")
+    model_dir = str(tiny_model_dir)
+    probe = fit_probe(load_causal_lm(model_dir), load_tokenizer(model_dir), HARMFUL, BENIGN, layers=[1],
+                      calibration_fraction=0.0, epochs=50)
+    probe.save(root / "probe")
+    # Every example's score from one unsharded process.
+    single = SafeFineTuning(model_dir, reference="model_copy")
+    single.configure_model()
+    data = ChatSFTDataModule(train=str(TINY_DATA), tokenizer=model_dir, batch_size=64, max_length=256, seed=0)
+    data.setup("fit")
+    batch = next(iter(data.train_dataloader()))
+    estimator = ProbeRisk(root / "probe")
+    estimator.setup(single)
+    expected = dict(zip([str(i) for i in batch["id"]], estimator(batch).tolist()))
+    estimator.teardown()
+    # The cache knows all but one example: in the first epoch one rank must score it, the other not.
+    left_out = sorted(expected)[0]
+    cache = RiskCache(estimator.namespace)
+    known = [i for i in expected if i != left_out]
+    cache.update(known, [expected[i] for i in known])
+    runs = {}
+    for mode in ("fsdp2", "ddp"):
+        cache_file = root / f"{mode}_risk.json"
+        cache.save(cache_file)
+        reports = run_worker(root, tiny_model_dir, root / "probe", cache_file, mode)
+        weights = torch.load(root / f"{mode}_weights.pt", weights_only=True)
+        saved = RiskCache(estimator.namespace, cache_file)
+        scores, missing = saved.lookup([left_out])
+        assert not missing
+        runs[mode] = {"reports": reports, "weights": weights, "left_out_score": float(scores[0])}
+    runs["expected_left_out_score"] = expected[left_out]
+    return runs
+
+
+def test_fsdp2_trains_the_same_weights_as_ddp(fsdp_runs, tiny_model_dir):
+    sharded, replicated = fsdp_runs["fsdp2"]["weights"], fsdp_runs["ddp"]["weights"]
+    assert sharded.keys() == replicated.keys() and len(sharded) > 10
+    for name, value in replicated.items():
+        torch.testing.assert_close(sharded[name], value, rtol=0, atol=1e-5, msg=f"{name} differs from DDP")
+    initial = load_causal_lm(str(tiny_model_dir)).state_dict()
+    changed = [name for name, value in replicated.items() if (value - initial[name]).abs().max() > 1e-3]
+    assert len(changed) > len(replicated) // 2, "training should move most weights (else equality proves little)"
+    assert fsdp_runs["fsdp2"]["reports"][0]["world_size"] == 2
+
+
+def test_fsdp2_shards_the_frozen_reference_like_the_policy(fsdp_runs):
+    for report in fsdp_runs["fsdp2"]["reports"]:
+        sizes = report["sizes"]
+        assert sizes["sharded"] == 1.0
+        # Each rank holds about half of each model (dim-0 shards; odd sizes round up on rank 0).
+        assert 0.45 < sizes["reference"] < 0.55, sizes
+        assert 0.45 < sizes["policy"] < 0.55, sizes
+    for report in fsdp_runs["ddp"]["reports"]:
+        assert report["sizes"]["reference"] == 1.0 and report["sizes"]["sharded"] == 0.0
+
+
+def test_reference_log_probs_equal_the_policy_before_the_first_step_and_differ_after(fsdp_runs):
+    for mode in ("fsdp2", "ddp"):
+        for report in fsdp_runs[mode]["reports"]:
+            before, after = report["gaps"]
+            assert before < 1e-5, (mode, before)
+            assert after > 1e-3, (mode, after)
+
+
+def test_probe_hooks_read_the_right_layer_and_sharded_ranks_run_the_same_forwards(fsdp_runs):
+    # The one score computed during training equals the unsharded process's score.
+    for mode in ("fsdp2", "ddp"):
+        assert abs(fsdp_runs[mode]["left_out_score"] - fsdp_runs["expected_left_out_score"]) < 1e-5, mode
+    # Exactly one rank had the uncached example (DDP: that rank ran one more reference forward) ...
+    ddp = fsdp_runs["ddp"]["reports"]
+    assert sorted(r["scored"] for r in ddp) == [0, 1]
+    assert abs(ddp[0]["reference_forwards"] - ddp[1]["reference_forwards"]) == 1
+    # ... but under FSDP2 the other rank ran the same forward too (its weights are gathered together).
+    sharded = fsdp_runs["fsdp2"]["reports"]
+    assert sorted(r["scored"] for r in sharded) == [0, 1]
+    assert sharded[0]["reference_forwards"] == sharded[1]["reference_forwards"]
