@@ -35,6 +35,7 @@ __all__ = [
     "check_can_generate",
     "data_parallel_mesh",
     "decoder_layer_classes",
+    "is_fsdp1",
     "is_sharded",
     "local_parameter_bytes",
     "shard_model",
@@ -180,6 +181,13 @@ def is_sharded(model: nn.Module) -> bool:
     return any(isinstance(module, (FSDPModule, FullyShardedDataParallel)) for module in model.modules())
 
 
+def is_fsdp1(model: nn.Module) -> bool:
+    """Whether any part of ``model`` is wrapped by FSDP1 (``FullyShardedDataParallel``)."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    return any(isinstance(module, FullyShardedDataParallel) for module in model.modules())
+
+
 def check_can_generate(model: nn.Module) -> None:
     """Refuse generation from a model wrapped by FSDP1, which cannot run it (FSDP2 can).
 
@@ -189,9 +197,7 @@ def check_can_generate(model: nn.Module) -> None:
     Raises:
         ShardingError: ``model`` is (inside) an FSDP1 wrapper.
     """
-    from torch.distributed.fsdp import FullyShardedDataParallel
-
-    if any(isinstance(module, FullyShardedDataParallel) for module in model.modules()):
+    if is_fsdp1(model):
         raise ShardingError(
             "generation from FSDP1-wrapped weights (FSDPStrategy) is not supported: train with FSDP2 "
             "(ModelParallelStrategy(data_parallel_size=<GPUs>, tensor_parallel_size=1)) or evaluate a saved "

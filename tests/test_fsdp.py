@@ -123,3 +123,22 @@ def test_probe_hooks_read_the_right_layer_and_sharded_ranks_run_the_same_forward
     sharded = fsdp_runs["fsdp2"]["reports"]
     assert sorted(r["scored"] for r in sharded) == [0, 1]
     assert sharded[0]["reference_forwards"] == sharded[1]["reference_forwards"]
+
+
+def test_fsdp1_wraps_decoder_layers_hooks_keep_their_layer_and_generation_is_refused(tiny_model_dir, tmp_path):
+    """FSDPStrategy's wrapping, applied with torch on CPU (Lightning's FSDPStrategy refuses the CPU)."""
+    out = tmp_path / "fsdp1.json"
+    result = subprocess.run(
+        [sys.executable, str(WORKER.with_name("fsdp1_worker.py")), str(out), str(tiny_model_dir)],
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)}, capture_output=True, text=True, timeout=300, check=False,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    # DecoderLayerWrapPolicy read the layer class from the model: the root plus one unit per layer.
+    assert report["units"] == ["", "_fsdp_wrapped_module.policy.model.layers.0",
+                               "_fsdp_wrapped_module.policy.model.layers.1"]
+    assert report["checkpointed"] == 2 and report["sharded"]
+    # The same layer objects before and after wrapping; the tap recorded the first forward's states.
+    assert all(report["same_layers"])
+    assert report["calls"] >= 1 and report["hidden_gap"] == 0.0
+    assert report["refused"].startswith("generation from FSDP1-wrapped weights")

@@ -15,7 +15,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from lightning_safety.distributed import is_sharded
+from lightning_safety.distributed import is_fsdp1, is_sharded
 from lightning_safety.errors import RiskError
 from lightning_safety.models import is_peft_model, reference_adapter
 from lightning_safety.risk.base import RiskEstimator
@@ -110,6 +110,12 @@ class ProbeRisk(RiskEstimator):
             raise RiskError(
                 "probe source 'reference' needs a frozen reference (a `reference` module, or a LoRA policy "
                 "whose base is the reference): use source='policy' or give the module a reference"
+            )
+        if is_fsdp1(target) and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            # Callbacks run outside the FSDP1 root's forward, where its flat weights stay sharded.
+            raise RiskError(
+                "probe risk on FSDP1-wrapped weights (FSDPStrategy) is not supported: train with FSDP2 "
+                "(ModelParallelStrategy), or score the data first (`lightning-safety score`) and train from its risk column"
             )
         self.probe.check_model(target)
         self.taps = LayerTaps.for_model(target, self.probe.layers)

@@ -19,13 +19,25 @@ from torch import Tensor, nn
 from lightning_safety.errors import ProbeError
 
 
+def unwrap_layer(module: nn.Module) -> nn.Module:
+    """The block inside FSDP1 (``_fsdp_wrapped_module``) and activation-checkpointing
+    (``_checkpoint_wrapped_module``) wrappers: the same object before and after wrapping."""
+    while True:
+        inner = getattr(module, "_fsdp_wrapped_module", None) or getattr(module, "_checkpoint_wrapped_module", None)
+        if not isinstance(inner, nn.Module):
+            return module
+        module = inner
+
+
 def find_decoder_layers(model: nn.Module) -> list[nn.Module]:
-    """The transformer blocks of a causal LM, in order (also under PEFT or activation checkpointing).
+    """The transformer blocks of a causal LM, in order (also under PEFT, FSDP or activation checkpointing).
 
     The blocks are the ``nn.ModuleList`` whose children all share one class and that holds the
     most parameters (then: the most children). Counting parameters rather than children keeps a
     mixture-of-experts list (many experts inside one block) from winning over the list of blocks,
-    which contains it.
+    which contains it. Wrapped blocks are returned unwrapped (:func:`unwrap_layer`), so the same
+    module objects are found before and after FSDP1 or checkpoint wrapping (FSDP2 wraps nothing:
+    it changes a block's class in place).
 
     Raises:
         ProbeError: the model has no homogeneous ``nn.ModuleList``.
@@ -40,7 +52,7 @@ def find_decoder_layers(model: nn.Module) -> list[nn.Module]:
             continue
         rank = (sum(p.numel() for p in module.parameters()), len(children))
         if best is None or rank > best:
-            best, layers = rank, children
+            best, layers = rank, [unwrap_layer(child) for child in children]
     if not layers:
         raise ProbeError(
             f"no decoder layers found in {type(model).__name__} (no nn.ModuleList of identical blocks): "
