@@ -9,6 +9,8 @@
   with adaptive KL, and print ASR / over-refusal / utility of the three models (offline, minutes).
 * ``lightning-safety score``: score a dataset once with a judge or a probe; write the scores as a
   ``risk`` column (JSONL) and/or as a risk cache that ``RiskCallback(cache_path=...)`` reuses.
+* ``lightning-safety export``: a training checkpoint (file, or FSDP2's sharded folder) as a Hugging
+  Face model folder or a PEFT adapter, for inference.
 
 Prompt sources (``PromptSource``) are files or ``datasets`` names with a text field, optionally
 filtered on a column (``where={"label": "unsafe"}`` for XSTest's unsafe prompts).
@@ -294,6 +296,39 @@ def evaluate(
     return result.scalars()
 
 
+def export(checkpoint: str, output: str, merge: bool = False) -> str:
+    """Export a SafeFineTuning checkpoint for inference: a Hugging Face folder, or a PEFT adapter.
+
+    Args:
+        checkpoint: a ``.ckpt`` file, or a sharded checkpoint folder (FSDP2), gathered in CPU memory.
+        output: the folder to create (refused if it exists); written completely or not at all.
+        merge: under LoRA, merge the adapter into the base weights and write a full model folder
+            (default: write the adapter alone, loadable with ``--adapter`` or PEFT). Ignored for
+            full fine-tuning, which always writes the full model.
+
+    Returns:
+        The output folder.
+    """
+    from lightning_safety.evaluation.loading import load_checkpoint_policy
+    from lightning_safety.models import is_peft_model, load_tokenizer
+    from lightning_safety.paths import atomic_directory
+
+    target = Path(output)
+    if target.exists():
+        raise DataError(f"output {target} already exists: choose a new folder (nothing is overwritten)")
+    policy, source = load_checkpoint_policy(checkpoint)
+    kind = "adapter"
+    if is_peft_model(policy) and merge:
+        policy, kind = policy.merge_and_unload(), "merged model"
+    elif not is_peft_model(policy):
+        kind = "model"
+    with atomic_directory(target) as tmp:
+        policy.save_pretrained(tmp)
+        load_tokenizer(source).save_pretrained(tmp)
+    print(f"{kind} of {checkpoint} (base {source}) written to {target}")
+    return str(target)
+
+
 def _progress(steps: range, total: int, chunk: int, desc: str):
     try:
         from tqdm.auto import tqdm
@@ -306,7 +341,8 @@ def _progress(steps: range, total: int, chunk: int, desc: str):
             bar.update(min(chunk, total - start))
 
 
-COMMANDS = {"probe": {"fit": probe_fit, "sweep": probe_sweep}, "score": score, "evaluate": evaluate, "demo": demo}
+COMMANDS = {"probe": {"fit": probe_fit, "sweep": probe_sweep}, "score": score, "evaluate": evaluate, "demo": demo,
+            "export": export}
 
 
 def run_command(args: Sequence[str]) -> Any:
@@ -320,4 +356,4 @@ def is_command(args: Sequence[str]) -> bool:
     return bool(args) and args[0] in COMMANDS
 
 
-__all__ = ["PromptSource", "demo", "evaluate", "is_command", "load_prompts", "probe_fit", "probe_sweep", "run_command", "score"]
+__all__ = ["PromptSource", "demo", "evaluate", "export", "is_command", "load_prompts", "probe_fit", "probe_sweep", "run_command", "score"]

@@ -451,16 +451,42 @@ class SafeFineTuning(L.LightningModule):
         }
 
     # ------------------------------------------------------------------ checkpoints
-    def _frozen_keys(self, state_dict: Mapping[str, Tensor]) -> list[str]:
-        """Keys of weights that are frozen (reference, LoRA base): identical to the loaded model."""
-        trainable = {name for name, p in self.named_parameters() if p.requires_grad}
-        buffers = {name for name, _ in self.named_buffers()}
-        return [key for key in state_dict if key not in trainable and key not in buffers]
+    def _frozen_names(self) -> set[str]:
+        """Names of frozen weights (reference, LoRA base): identical to the model as loaded."""
+        return {name for name, p in self.named_parameters(remove_duplicate=False) if not p.requires_grad}
+
+    def state_dict(self, *args: Any, destination: Any = None, prefix: str = "", keep_vars: bool = False) -> Any:
+        """The weights training changes (trainable parameters and buffers), never the frozen ones.
+
+        The frozen base and the reference are the model as loaded: checkpoints (full or sharded,
+        which save and load through this) leave them out, and :meth:`load_state_dict` fills them
+        from the model. ``self.policy.state_dict()`` is the whole policy.
+        """
+        state = super().state_dict(*args, destination=destination, prefix=prefix, keep_vars=keep_vars)
+        for name in self._frozen_names():
+            state.pop(prefix + name, None)
+        return state
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
+        """Load trainable weights and buffers; frozen weights missing from ``state_dict`` keep their values.
+
+        With ``strict`` every trainable weight and buffer must be given and nothing unknown may be.
+        """
+        result = super().load_state_dict(state_dict, strict=False, assign=assign)
+        frozen = self._frozen_names()
+        missing = [key for key in result.missing_keys if key not in frozen]
+        if strict and (missing or result.unexpected_keys):
+            raise RuntimeError(
+                f"Error(s) in loading state_dict for {type(self).__name__}: missing keys {missing[:8]}, "
+                f"unexpected keys {list(result.unexpected_keys)[:8]}"
+            )
+        result.missing_keys[:] = missing
+        return result
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint.get("state_dict")
-        frozen = self._frozen_keys(state) if state is not None else []
-        for key in frozen:
+        frozen = self._frozen_names()
+        for key in frozen & set(state or ()):  # a state dict gathered elsewhere: leave the frozen weights out
             del state[key]
         checkpoint[_CHECKPOINT_KEY] = {
             "schedule": self.schedule.state_dict(),
@@ -477,8 +503,4 @@ class SafeFineTuning(L.LightningModule):
                 "load it with the module that wrote it"
             )
         self.schedule.load_state_dict(extra["schedule"])
-        state = checkpoint.get("state_dict")
-        if state is not None:
-            # Frozen weights were left out when saving: they come from the model as loaded.
-            for key, value in self.state_dict().items():
-                state.setdefault(key, value)
+        # Frozen weights were left out when saving: load_state_dict keeps them as loaded.

@@ -1,6 +1,7 @@
 """Worker for tests/test_fsdp.py: a 2-process fit with FSDP2 (ModelParallelStrategy) or DDP, on CPU (gloo).
 
-Run as ``python tests/fsdp_worker.py OUT_DIR MODEL_DIR PROBE_DIR CACHE_FILE {fsdp2,ddp}``; Lightning's
+Run as ``python tests/fsdp_worker.py OUT_DIR MODEL_DIR PROBE_DIR CACHE_FILE {fsdp2,ddp,fsdp2-ckpt}``
+(``fsdp2-ckpt``: FSDP2 with gradient checkpointing); Lightning's
 launcher starts the second rank by running this script again. Rank 0 saves the trained policy's
 full weights; every rank saves what it measured (shard sizes, log-prob gaps, forward counts); the
 risk callback writes its cache file at the end.
@@ -60,9 +61,11 @@ class Measure(L.Callback):
 
 def main(out_dir: Path, model_dir: str, probe_dir: str, cache_file: str, mode: str) -> None:
     L.seed_everything(0)
-    module = SafeFineTuning(model_dir, reference="model_copy", optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2))
+    module = SafeFineTuning(model_dir, reference="model_copy", gradient_checkpointing=mode.endswith("-ckpt"),
+                            optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2))
     data = ChatSFTDataModule(train=str(TINY_DATA), tokenizer=model_dir, batch_size=3, max_length=256, seed=0)
-    strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1) if mode == "fsdp2" else "ddp"
+    sharded = mode.startswith("fsdp2")
+    strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1) if sharded else "ddp"
     measure = Measure()
     risk = ActivationRiskCallback(probe_dir, cache_path=cache_file, log_stats=False)
     trainer = L.Trainer(
@@ -72,7 +75,7 @@ def main(out_dir: Path, model_dir: str, probe_dir: str, cache_file: str, mode: s
     )
     trainer.fit(module, datamodule=data)
 
-    if mode == "fsdp2":
+    if sharded:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         state = get_model_state_dict(module.policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import lightning as L
+import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
@@ -72,3 +73,33 @@ def test_mid_epoch_resume_lora_saves_only_the_adapter(tiny_model_dir, tmp_path):
     checkpoint = check_resume(tiny_model_dir, tmp_path, lora=LoraSettings(r=4, dropout=0.0))
     keys = list(checkpoint["state_dict"].keys())
     assert keys and all("lora_" in key for key in keys), keys[:5]
+
+
+def test_export_writes_an_adapter_or_a_merged_model_that_reproduce_the_trained_policy(tiny_model_dir, tmp_path):
+    from lightning_safety.commands import export
+    from lightning_safety.errors import DataError, ModelLoadError
+    from lightning_safety.models import LoraSettings, load_adapter, load_causal_lm
+
+    trained = run(tiny_model_dir, tmp_path / "run", max_steps=3, checkpoint_every=3, lora=LoraSettings(r=4, dropout=0.0))
+    checkpoint = tmp_path / "run" / "step=3.ckpt"
+    ids = torch.tensor([[5, 17, 42, 9, 77, 3]])
+    with torch.no_grad():
+        expected = trained.policy(input_ids=ids).logits
+
+    adapter = Path(export(str(checkpoint), str(tmp_path / "adapter")))
+    assert (adapter / "adapter_config.json").is_file() and not (adapter / "model.safetensors").exists()
+    merged = Path(export(str(checkpoint), str(tmp_path / "merged"), merge=True))
+    assert (merged / "model.safetensors").is_file() and (merged / "tokenizer_config.json").is_file()
+    with torch.no_grad():
+        from_adapter = load_adapter(load_causal_lm(str(tiny_model_dir)), str(adapter))(input_ids=ids).logits
+        from_merged = load_causal_lm(str(merged))(input_ids=ids).logits
+    torch.testing.assert_close(from_adapter, expected, rtol=0, atol=1e-5)
+    torch.testing.assert_close(from_merged, expected, rtol=0, atol=1e-4)
+    assert (from_merged - load_causal_lm(str(tiny_model_dir))(input_ids=ids).logits).abs().max() > 1e-3
+
+    # Bad input: one line, and nothing written.
+    with pytest.raises(DataError, match="already exists: choose a new folder"):
+        export(str(checkpoint), str(merged))
+    with pytest.raises(ModelLoadError, match="not found: give a .ckpt file or a sharded checkpoint folder"):
+        export(str(tmp_path / "missing.ckpt"), str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()

@@ -68,7 +68,7 @@ def fsdp_runs(tiny_model_dir, tmp_path_factory):
     known = [i for i in expected if i != left_out]
     cache.update(known, [expected[i] for i in known])
     runs = {}
-    for mode in ("fsdp2", "ddp"):
+    for mode in ("fsdp2", "ddp", "fsdp2-ckpt"):
         cache_file = root / f"{mode}_risk.json"
         cache.save(cache_file)
         reports = run_worker(root, tiny_model_dir, root / "probe", cache_file, mode)
@@ -81,8 +81,9 @@ def fsdp_runs(tiny_model_dir, tmp_path_factory):
     return runs
 
 
-def test_fsdp2_trains_the_same_weights_as_ddp(fsdp_runs, tiny_model_dir):
-    sharded, replicated = fsdp_runs["fsdp2"]["weights"], fsdp_runs["ddp"]["weights"]
+@pytest.mark.parametrize("mode", ["fsdp2", "fsdp2-ckpt"], ids=["plain", "gradient-checkpointing"])
+def test_fsdp2_trains_the_same_weights_as_ddp(fsdp_runs, tiny_model_dir, mode):
+    sharded, replicated = fsdp_runs[mode]["weights"], fsdp_runs["ddp"]["weights"]
     assert sharded.keys() == replicated.keys() and len(sharded) > 10
     for name, value in replicated.items():
         torch.testing.assert_close(sharded[name], value, rtol=0, atol=1e-5, msg=f"{name} differs from DDP")
@@ -113,16 +114,17 @@ def test_reference_log_probs_equal_the_policy_before_the_first_step_and_differ_a
 
 def test_probe_hooks_read_the_right_layer_and_sharded_ranks_run_the_same_forwards(fsdp_runs):
     # The one score computed during training equals the unsharded process's score.
-    for mode in ("fsdp2", "ddp"):
+    for mode in ("fsdp2", "ddp", "fsdp2-ckpt"):
         assert abs(fsdp_runs[mode]["left_out_score"] - fsdp_runs["expected_left_out_score"]) < 1e-5, mode
     # Exactly one rank had the uncached example (DDP: that rank ran one more reference forward) ...
     ddp = fsdp_runs["ddp"]["reports"]
     assert sorted(r["scored"] for r in ddp) == [0, 1]
     assert abs(ddp[0]["reference_forwards"] - ddp[1]["reference_forwards"]) == 1
     # ... but under FSDP2 the other rank ran the same forward too (its weights are gathered together).
-    sharded = fsdp_runs["fsdp2"]["reports"]
-    assert sorted(r["scored"] for r in sharded) == [0, 1]
-    assert sharded[0]["reference_forwards"] == sharded[1]["reference_forwards"]
+    for mode in ("fsdp2", "fsdp2-ckpt"):
+        sharded = fsdp_runs[mode]["reports"]
+        assert sorted(r["scored"] for r in sharded) == [0, 1]
+        assert sharded[0]["reference_forwards"] == sharded[1]["reference_forwards"]
 
 
 def test_fsdp1_wraps_decoder_layers_hooks_keep_their_layer_and_generation_is_refused(tiny_model_dir, tmp_path):
@@ -142,3 +144,38 @@ def test_fsdp1_wraps_decoder_layers_hooks_keep_their_layer_and_generation_is_ref
     assert all(report["same_layers"])
     assert report["calls"] >= 1 and report["hidden_gap"] == 0.0
     assert report["refused"].startswith("generation from FSDP1-wrapped weights")
+
+
+def run_ckpt_worker(out: Path, model_dir: Path, phase: str, kind: str) -> dict:
+    result = subprocess.run(
+        [sys.executable, str(WORKER.with_name("fsdp_ckpt_worker.py")), str(out), str(model_dir), phase, kind],
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)}, capture_output=True, text=True, timeout=600, check=False,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return torch.load(out / f"{kind}_{phase}_weights.pt", weights_only=True)
+
+
+def test_fsdp2_sharded_checkpoint_resumes_exactly_saves_no_reference_and_exports(tiny_model_dir, tmp_path):
+    from torch.distributed.checkpoint import FileSystemReader
+
+    from lightning_safety.commands import export
+
+    straight = run_ckpt_worker(tmp_path, tiny_model_dir, "straight", "sharded")
+    run_ckpt_worker(tmp_path, tiny_model_dir, "first", "sharded")
+    folder = tmp_path / "sharded_ckpt" / "epoch=0-step=4.ckpt"
+    assert folder.is_dir() and len(list(folder.glob("*.distcp"))) == 2  # one shard file per rank
+    keys = list(FileSystemReader(folder).read_metadata().state_dict_metadata)
+    weights = [key for key in keys if key.startswith("state_dict.")]
+    assert weights and all(key.startswith("state_dict.policy.") for key in weights), "the reference must not be saved"
+    resumed = run_ckpt_worker(tmp_path, tiny_model_dir, "resume", "sharded")
+    assert resumed.keys() == straight.keys()
+    for name, value in straight.items():
+        torch.testing.assert_close(resumed[name], value, rtol=0, atol=1e-6, msg=f"{name} differs after resume")
+
+    # The sharded folder exports as a Hugging Face model holding the step-4 weights.
+    exported = Path(export(str(folder), str(tmp_path / "export")))
+    loaded = load_causal_lm(str(exported)).state_dict()
+    first = torch.load(tmp_path / "sharded_first_weights.pt", weights_only=True)
+    assert any((first[name] - straight[name]).abs().max() > 1e-4 for name in first), "steps 5-6 must move the weights"
+    for name, value in first.items():
+        torch.testing.assert_close(loaded[name], value, rtol=0, atol=0, msg=name)

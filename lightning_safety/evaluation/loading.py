@@ -21,7 +21,8 @@ def load_model_for_evaluation(
 
     ``model`` is a hub id, local folder, ``.gguf`` file, alias, or a ``.ckpt`` written by
     :class:`~lightning_safety.module.SafeFineTuning` (the base model named in its hyperparameters
-    is loaded and the checkpoint's trained weights, e.g. the LoRA adapter, are put on it).
+    is loaded and the checkpoint's trained weights, e.g. the LoRA adapter, are put on it): a full
+    checkpoint file or a sharded checkpoint folder (FSDP2, ``save_distributed_checkpoint``).
     ``adapter`` puts a saved PEFT adapter on the model. ``tokenizer`` overrides where the
     tokenizer comes from (default: the model's).
     """
@@ -29,9 +30,7 @@ def load_model_for_evaluation(
 
     path = Path(model)
     if path.suffix == ".ckpt":
-        if not path.is_file():
-            raise ModelLoadError(f"checkpoint {model} not found: check the path")
-        network, source = _from_checkpoint(path)
+        network, source = load_checkpoint_policy(path)
     else:
         network, source = load_causal_lm(model, dtype=dtype), model
     if adapter is not None:
@@ -40,18 +39,59 @@ def load_model_for_evaluation(
     return network.eval(), load_tokenizer(tokenizer or source)
 
 
-def _from_checkpoint(path: Path) -> tuple[nn.Module, str]:
+def is_sharded_checkpoint(path: Path) -> bool:
+    """A folder written by ``torch.distributed.checkpoint`` (Lightning's sharded checkpoints)."""
+    return path.is_dir() and (path / ".metadata").is_file()
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """A SafeFineTuning checkpoint as one dict: a ``.ckpt`` file, or a sharded folder gathered in CPU memory.
+
+    Raises:
+        ModelLoadError: the path does not exist, or is not a checkpoint SafeFineTuning wrote.
+    """
     import torch
 
-    from lightning_safety.module import SafeFineTuning
-
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    path = Path(path)
+    if is_sharded_checkpoint(path):
+        try:
+            from lightning.fabric.utilities.load import _load_distributed_checkpoint
+        except ImportError as error:  # a private helper: say how to do it by hand if it moves
+            raise ModelLoadError(
+                f"cannot read the sharded checkpoint {path} with this Lightning version: consolidate it first "
+                "(python -m lightning.fabric.utilities.consolidate_checkpoint <folder>) and pass the file"
+            ) from error
+        checkpoint = _load_distributed_checkpoint(path)
+    elif path.is_file():
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    else:
+        raise ModelLoadError(f"checkpoint {path} not found: give a .ckpt file or a sharded checkpoint folder")
     if "lightning_safety" not in checkpoint:
         raise ModelLoadError(
             f"{path} was not written by SafeFineTuning: evaluate the model folder or adapter it came from instead"
         )
+    return checkpoint
+
+
+def load_checkpoint_policy(path: str | Path) -> tuple[nn.Module, str]:
+    """The trained policy of a SafeFineTuning checkpoint (file or sharded folder) and its base model's name.
+
+    The base model named in the checkpoint's hyperparameters is loaded and the checkpoint's
+    weights (the LoRA adapter, or every weight of a full fine-tuning) are put on it; the policy
+    keeps its PEFT wrapper under LoRA.
+    """
+    import io
+
+    import torch
+
+    from lightning_safety.module import SafeFineTuning
+
+    checkpoint = read_checkpoint(path)
     source = checkpoint.get("hyper_parameters", {}).get("model")
     if not isinstance(source, str):
         raise ModelLoadError(f"{path} does not name its base model (it was built from a model object): pass --model")
-    module = SafeFineTuning.load_from_checkpoint(path, map_location="cpu", weights_only=True)
+    buffer = io.BytesIO()
+    torch.save({k: v for k, v in checkpoint.items() if k != "optimizer_states"}, buffer)
+    buffer.seek(0)
+    module = SafeFineTuning.load_from_checkpoint(buffer, map_location="cpu", weights_only=True)
     return module.policy, source
