@@ -340,7 +340,7 @@ class SafeFineTuning(L.LightningModule):
             "denominator": out.denominator,
             "loss_sum": out.loss_sum.detach(),
             "nll_sum": (out.nll_per_example * tokens).sum(),
-            "kl_sum": (out.kl_per_example * tokens).sum(),
+            "kl_sum": (out.kl_per_example * tokens * regularized).sum(),  # beta-0 rows: no KL (lockstep rows)
             "kl_tokens": kl_tokens,
             "beta_sum": beta.sum(),
             "regularized": regularized.float().sum(),

@@ -1,7 +1,8 @@
 """Worker for tests/test_fsdp.py: a 2-process fit with FSDP2 (ModelParallelStrategy) or DDP, on CPU (gloo).
 
 Run as ``python tests/fsdp_worker.py OUT_DIR MODEL_DIR PROBE_DIR CACHE_FILE {fsdp2,ddp,fsdp2-ckpt}``
-(``fsdp2-ckpt``: FSDP2 with gradient checkpointing); Lightning's
+(``fsdp2-ckpt``: FSDP2 with gradient checkpointing; ``*-sparse``: no probe, the data's risk column and
+beta = 0 below risk 0.5, so some steps need no reference forward on one rank); Lightning's
 launcher starts the second rank by running this script again. Rank 0 saves the trained policy's
 full weights; every rank saves what it measured (shard sizes, log-prob gaps, forward counts); the
 risk callback writes its cache file at the end.
@@ -20,6 +21,7 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning_safety.callbacks import ActivationRiskCallback
 from lightning_safety.data import ChatSFTDataModule
 from lightning_safety.distributed import is_sharded, local_parameter_bytes
+from lightning_safety.losses import ThresholdRiskSchedule
 from lightning_safety.module import SafeFineTuning
 
 TINY_DATA = Path(__file__).resolve().parents[1] / "configs" / "data" / "tiny_chat.jsonl"
@@ -35,6 +37,7 @@ class Measure(L.Callback):
 
     def __init__(self) -> None:
         self.gaps: list[float] = []
+        self.regularized_steps: list[bool] = []  # whether any row of this rank's batch had beta > 0
         self.reference_forwards = 0
         self.sizes: dict[str, float] = {}
 
@@ -58,10 +61,15 @@ class Measure(L.Callback):
         real = batch["attention_mask"].bool()
         self.gaps.append(float((policy - reference).abs()[real].max()))
 
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.regularized_steps.append(bool((outputs["beta"] > 0).any()))
+
 
 def main(out_dir: Path, model_dir: str, probe_dir: str, cache_file: str, mode: str) -> None:
     L.seed_everything(0)
+    sparse = mode.endswith("-sparse")
     module = SafeFineTuning(model_dir, reference="model_copy", gradient_checkpointing=mode.endswith("-ckpt"),
+                            schedule=ThresholdRiskSchedule(0.5, beta_low=0.0, beta_high=0.9) if sparse else None,
                             optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2))
     data = ChatSFTDataModule(train=str(TINY_DATA), tokenizer=model_dir, batch_size=3, max_length=256, seed=0)
     sharded = mode.startswith("fsdp2")
@@ -71,7 +79,7 @@ def main(out_dir: Path, model_dir: str, probe_dir: str, cache_file: str, mode: s
     trainer = L.Trainer(
         accelerator="cpu", devices=2, strategy=strategy, max_steps=8, logger=False,  # 4 steps per epoch
         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
-        callbacks=[risk, measure],
+        callbacks=[measure] if sparse else [risk, measure],
     )
     trainer.fit(module, datamodule=data)
 
@@ -88,6 +96,7 @@ def main(out_dir: Path, model_dir: str, probe_dir: str, cache_file: str, mode: s
         "world_size": trainer.world_size,
         "gaps": measure.gaps,
         "reference_forwards": measure.reference_forwards,
+        "regularized_steps": measure.regularized_steps,
         "sizes": measure.sizes,
         "scored": risk.scored,
     }

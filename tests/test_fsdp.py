@@ -46,7 +46,8 @@ def run_worker(out: Path, model_dir: Path, probe_dir: Path, cache: Path, mode: s
 
 @pytest.fixture(scope="module")
 def fsdp_runs(tiny_model_dir, tmp_path_factory):
-    """One FSDP2 and one DDP run from the same risk cache, which lacks exactly one example's score."""
+    """FSDP2 and DDP runs from the same risk cache, which lacks exactly one example's score; and a
+    pair of runs whose reference forward is needed on some rows only (the data's risk column)."""
     root = tmp_path_factory.mktemp("fsdp")
     model_dir = str(tiny_model_dir)
     probe = fit_probe(load_causal_lm(model_dir), load_tokenizer(model_dir), HARMFUL, BENIGN, layers=[1],
@@ -68,22 +69,25 @@ def fsdp_runs(tiny_model_dir, tmp_path_factory):
     known = [i for i in expected if i != left_out]
     cache.update(known, [expected[i] for i in known])
     runs = {}
-    for mode in ("fsdp2", "ddp", "fsdp2-ckpt"):
+    for mode in ("fsdp2", "ddp", "fsdp2-ckpt", "fsdp2-sparse", "ddp-sparse"):
         cache_file = root / f"{mode}_risk.json"
         cache.save(cache_file)
         reports = run_worker(root, tiny_model_dir, root / "probe", cache_file, mode)
         weights = torch.load(root / f"{mode}_weights.pt", weights_only=True)
-        saved = RiskCache(estimator.namespace, cache_file)
-        scores, missing = saved.lookup([left_out])
-        assert not missing
-        runs[mode] = {"reports": reports, "weights": weights, "left_out_score": float(scores[0])}
+        runs[mode] = {"reports": reports, "weights": weights}
+        if not mode.endswith("-sparse"):  # the sparse runs read the data's risk column, not the probe
+            scores, missing = RiskCache(estimator.namespace, cache_file).lookup([left_out])
+            assert not missing
+            runs[mode]["left_out_score"] = float(scores[0])
     runs["expected_left_out_score"] = expected[left_out]
     return runs
 
 
-@pytest.mark.parametrize("mode", ["fsdp2", "fsdp2-ckpt"], ids=["plain", "gradient-checkpointing"])
+@pytest.mark.parametrize(
+    "mode", ["fsdp2", "fsdp2-ckpt", "fsdp2-sparse"], ids=["plain", "gradient-checkpointing", "reference-on-some-rows"]
+)
 def test_fsdp2_trains_the_same_weights_as_ddp(fsdp_runs, tiny_model_dir, mode):
-    sharded, replicated = fsdp_runs[mode]["weights"], fsdp_runs["ddp"]["weights"]
+    sharded, replicated = fsdp_runs[mode]["weights"], fsdp_runs["ddp-sparse" if "sparse" in mode else "ddp"]["weights"]
     assert sharded.keys() == replicated.keys() and len(sharded) > 10
     for name, value in replicated.items():
         torch.testing.assert_close(sharded[name], value, rtol=0, atol=1e-5, msg=f"{name} differs from DDP")
@@ -102,6 +106,16 @@ def test_fsdp2_shards_the_frozen_reference_like_the_policy(fsdp_runs):
         assert 0.45 < sizes["policy"] < 0.55, sizes
     for report in fsdp_runs["ddp"]["reports"]:
         assert report["sizes"]["reference"] == 1.0 and report["sizes"]["sharded"] == 0.0
+
+
+def test_a_rank_without_regularized_rows_still_joins_the_sharded_reference_forward(fsdp_runs):
+    # beta = 0 below risk 0.5: some steps had regularized rows on one rank only. DDP skips the
+    # reference there; FSDP2 must run it on that rank too, or the other rank's gathers would hang.
+    ranks = [report["regularized_steps"] for report in fsdp_runs["fsdp2-sparse"]["reports"]]
+    assert len(ranks[0]) == len(ranks[1]) == 8
+    assert any(a != b for a, b in zip(*ranks)), "the data should give a step regularized on one rank only"
+    assert ranks == [report["regularized_steps"] for report in fsdp_runs["ddp-sparse"]["reports"]]
+    assert fsdp_runs["fsdp2-sparse"]["reports"][0]["reference_forwards"] == fsdp_runs["fsdp2-sparse"]["reports"][1]["reference_forwards"]
 
 
 def test_reference_log_probs_equal_the_policy_before_the_first_step_and_differ_after(fsdp_runs):
