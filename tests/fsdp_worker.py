@@ -1,7 +1,8 @@
 """Worker for tests/test_fsdp.py: a 2-process fit with FSDP2 (ModelParallelStrategy) or DDP, on CPU (gloo).
 
 Run as ``python tests/fsdp_worker.py OUT_DIR MODEL_DIR PROBE_DIR CACHE_FILE {fsdp2,ddp,fsdp2-ckpt}``
-(``fsdp2-ckpt``: FSDP2 with gradient checkpointing; ``*-sparse``: no probe, the data's risk column and
+(``fsdp2-ckpt``: FSDP2 with gradient checkpointing; ``fsdp2-bf16``: bf16 compute, float32 weights;
+``*-sparse``: no probe, the data's risk column and
 beta = 0 below risk 0.5, so some steps need no reference forward on one rank); Lightning's
 launcher starts the second rank by running this script again. Rank 0 saves the trained policy's
 full weights; every rank saves what it measured (shard sizes, log-prob gaps, forward counts); the
@@ -22,6 +23,7 @@ from lightning_safety.callbacks import ActivationRiskCallback
 from lightning_safety.data import ChatSFTDataModule
 from lightning_safety.distributed import is_sharded, local_parameter_bytes
 from lightning_safety.losses import ThresholdRiskSchedule
+from lightning_safety.risk.hooks import find_decoder_layers
 from lightning_safety.module import SafeFineTuning
 
 TINY_DATA = Path(__file__).resolve().parents[1] / "configs" / "data" / "tiny_chat.jsonl"
@@ -38,11 +40,16 @@ class Measure(L.Callback):
     def __init__(self) -> None:
         self.gaps: list[float] = []
         self.regularized_steps: list[bool] = []  # whether any row of this rank's batch had beta > 0
+        self.losses: list[float] = []
+        self.compute_dtypes: set[str] = set()  # dtype of a layer's weight while its forward runs
         self.reference_forwards = 0
         self.sizes: dict[str, float] = {}
 
     def on_fit_start(self, trainer, pl_module) -> None:
         pl_module.reference.register_forward_pre_hook(self._count)
+        linear = next(m for m in find_decoder_layers(pl_module.policy)[0].modules() if isinstance(m, torch.nn.Linear))
+        linear.register_forward_pre_hook(lambda module, args: self.compute_dtypes.add(str(module.weight.dtype)))
+        self.sizes["stored_dtype"] = str(linear.weight.dtype)
         for name in ("policy", "reference"):
             model = getattr(pl_module, name)
             self.sizes[name] = local_parameter_bytes(model) / full_bytes(model)
@@ -63,12 +70,14 @@ class Measure(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.regularized_steps.append(bool((outputs["beta"] > 0).any()))
+        self.losses.append(float(trainer.callback_metrics["train/loss"]))
 
 
 def main(out_dir: Path, model_dir: str, probe_dir: str, cache_file: str, mode: str) -> None:
     L.seed_everything(0)
     sparse = mode.endswith("-sparse")
-    module = SafeFineTuning(model_dir, reference="model_copy", gradient_checkpointing=mode.endswith("-ckpt"),
+    bf16 = {"param_dtype": "bfloat16", "reduce_dtype": "float32"} if mode.endswith("-bf16") else None
+    module = SafeFineTuning(model_dir, reference="model_copy", gradient_checkpointing=mode.endswith("-ckpt"), sharding=bf16,
                             schedule=ThresholdRiskSchedule(0.5, beta_low=0.0, beta_high=0.9) if sparse else None,
                             optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2))
     data = ChatSFTDataModule(train=str(TINY_DATA), tokenizer=model_dir, batch_size=3, max_length=256, seed=0)
@@ -97,6 +106,8 @@ def main(out_dir: Path, model_dir: str, probe_dir: str, cache_file: str, mode: s
         "gaps": measure.gaps,
         "reference_forwards": measure.reference_forwards,
         "regularized_steps": measure.regularized_steps,
+        "losses": measure.losses,
+        "compute_dtypes": sorted(measure.compute_dtypes),
         "sizes": measure.sizes,
         "scored": risk.scored,
     }

@@ -69,7 +69,7 @@ def fsdp_runs(tiny_model_dir, tmp_path_factory):
     known = [i for i in expected if i != left_out]
     cache.update(known, [expected[i] for i in known])
     runs = {}
-    for mode in ("fsdp2", "ddp", "fsdp2-ckpt", "fsdp2-sparse", "ddp-sparse"):
+    for mode in ("fsdp2", "ddp", "fsdp2-ckpt", "fsdp2-sparse", "ddp-sparse", "fsdp2-bf16"):
         cache_file = root / f"{mode}_risk.json"
         cache.save(cache_file)
         reports = run_worker(root, tiny_model_dir, root / "probe", cache_file, mode)
@@ -95,6 +95,16 @@ def test_fsdp2_trains_the_same_weights_as_ddp(fsdp_runs, tiny_model_dir, mode):
     changed = [name for name, value in replicated.items() if (value - initial[name]).abs().max() > 1e-3]
     assert len(changed) > len(replicated) // 2, "training should move most weights (else equality proves little)"
     assert fsdp_runs["fsdp2"]["reports"][0]["world_size"] == 2
+
+
+def test_fsdp2_mixed_precision_computes_in_bf16_and_keeps_float32_weights(fsdp_runs):
+    for bf16, fp32 in zip(fsdp_runs["fsdp2-bf16"]["reports"], fsdp_runs["fsdp2"]["reports"]):
+        assert bf16["compute_dtypes"] == ["torch.bfloat16"] and fp32["compute_dtypes"] == ["torch.float32"]
+        assert bf16["sizes"]["stored_dtype"] == fp32["sizes"]["stored_dtype"] == "torch.float32"
+        # The first loss is the float32 one up to bf16 rounding (and not identical: bf16 did compute it).
+        assert 0 < abs(bf16["losses"][0] - fp32["losses"][0]) < 2e-2 * fp32["losses"][0]
+    trained = fsdp_runs["fsdp2-bf16"]["weights"]
+    assert all(value.dtype == torch.float32 for value in trained.values())
 
 
 def test_fsdp2_shards_the_frozen_reference_like_the_policy(fsdp_runs):
