@@ -1,7 +1,7 @@
 """Worker for tests/test_safety_ddp.py: SafetyEvaluationCallback in a 2-process validate run (gloo, CPU).
 
-Run as ``python tests/eval_ddp_worker.py OUT_DIR MODEL_DIR [ddp|fsdp2]`` (fsdp2: the policy sharded
-by ModelParallelStrategy); Lightning's launcher starts the second rank by running this script again. Each rank saves what it logged and the prompts it generated for.
+Run as ``python tests/eval_ddp_worker.py OUT_DIR MODEL_DIR [ddp|fsdp2|fsdp2-lora]`` (fsdp2: the policy
+sharded by ModelParallelStrategy; -lora: a LoRA policy, whose PEFT wrapper generates); Lightning's launcher starts the second rank by running this script again. Each rank saves what it logged and the prompts it generated for.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from lightning_safety.callbacks import SafetyEvaluationCallback
 from lightning_safety.data import ChatSFTDataModule
 from lightning_safety.distributed import is_sharded
 from lightning_safety.evaluation import UtilityTask
+from lightning_safety.models import LoraSettings
 from lightning_safety.module import SafeFineTuning
 
 DATA = Path(__file__).resolve().parents[1] / "configs" / "data"
@@ -40,10 +41,11 @@ def callback() -> SafetyEvaluationCallback:
 
 def main(out_dir: Path, model_dir: str, mode: str = "ddp") -> None:
     L.seed_everything(0)
-    module = SafeFineTuning(model_dir, reference="model_copy")
+    lora = LoraSettings(r=4, dropout=0.0) if mode.endswith("-lora") else None  # B = 0: the base model's outputs
+    module = SafeFineTuning(model_dir, reference="adapter_disabled" if lora else "model_copy", lora=lora)
     data = ChatSFTDataModule(train=str(DATA / "tiny_chat.jsonl"), tokenizer=model_dir, batch_size=3, val_fraction=0.25)
     evaluation = callback()
-    strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1) if mode == "fsdp2" else "ddp"
+    strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1) if mode.startswith("fsdp2") else "ddp"
     trainer = L.Trainer(accelerator="cpu", devices=2, strategy=strategy, logger=False, enable_progress_bar=False,
                         enable_model_summary=False, enable_checkpointing=False, callbacks=[evaluation])
     trainer.validate(module, datamodule=data)

@@ -2,6 +2,7 @@
 
 Run as ``python tests/fsdp_worker.py OUT_DIR MODEL_DIR PROBE_DIR CACHE_FILE {fsdp2,ddp,fsdp2-ckpt}``
 (``fsdp2-ckpt``: FSDP2 with gradient checkpointing; ``fsdp2-bf16``: bf16 compute, float32 weights;
+``*-lora``: LoRA, the reference is the base with the adapter disabled, one copy of the weights;
 ``*-sparse``: no probe, the data's risk column and
 beta = 0 below risk 0.5, so some steps need no reference forward on one rank); Lightning's
 launcher starts the second rank by running this script again. Rank 0 saves the trained policy's
@@ -23,6 +24,7 @@ from lightning_safety.callbacks import ActivationRiskCallback
 from lightning_safety.data import ChatSFTDataModule
 from lightning_safety.distributed import is_sharded, local_parameter_bytes
 from lightning_safety.losses import ThresholdRiskSchedule
+from lightning_safety.models import LoraSettings
 from lightning_safety.risk.hooks import find_decoder_layers
 from lightning_safety.module import SafeFineTuning
 
@@ -46,14 +48,15 @@ class Measure(L.Callback):
         self.sizes: dict[str, float] = {}
 
     def on_fit_start(self, trainer, pl_module) -> None:
-        pl_module.reference.register_forward_pre_hook(self._count)
+        lora = pl_module.reference is None
+        (pl_module.policy if lora else pl_module.reference).register_forward_pre_hook(self._count)
         linear = next(m for m in find_decoder_layers(pl_module.policy)[0].modules() if isinstance(m, torch.nn.Linear))
         linear.register_forward_pre_hook(lambda module, args: self.compute_dtypes.add(str(module.weight.dtype)))
         self.sizes["stored_dtype"] = str(linear.weight.dtype)
-        for name in ("policy", "reference"):
+        for name in ("policy",) if lora else ("policy", "reference"):
             model = getattr(pl_module, name)
             self.sizes[name] = local_parameter_bytes(model) / full_bytes(model)
-        self.sizes["sharded"] = float(is_sharded(pl_module.reference))
+        self.sizes["sharded"] = float(is_sharded(pl_module.policy if lora else pl_module.reference))
 
     def _count(self, module, args) -> None:
         self.reference_forwards += 1
@@ -63,7 +66,11 @@ class Measure(L.Callback):
             return
         with torch.no_grad():
             policy = torch.log_softmax(pl_module(batch["input_ids"], batch["attention_mask"]).float(), dim=-1)
-            reference = pl_module.reference(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            if pl_module.reference is None:  # LoRA: the base with the adapter disabled
+                with pl_module.policy.disable_adapter():
+                    reference = pl_module.policy(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            else:
+                reference = pl_module.reference(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
             reference = torch.log_softmax(reference.logits.float(), dim=-1)
         real = batch["attention_mask"].bool()
         self.gaps.append(float((policy - reference).abs()[real].max()))
@@ -77,7 +84,9 @@ def main(out_dir: Path, model_dir: str, probe_dir: str, cache_file: str, mode: s
     L.seed_everything(0)
     sparse = mode.endswith("-sparse")
     bf16 = {"param_dtype": "bfloat16", "reduce_dtype": "float32"} if mode.endswith("-bf16") else None
-    module = SafeFineTuning(model_dir, reference="model_copy", gradient_checkpointing=mode.endswith("-ckpt"), sharding=bf16,
+    lora = LoraSettings(r=4, dropout=0.0) if mode.endswith("-lora") else None
+    module = SafeFineTuning(model_dir, reference="adapter_disabled" if lora else "model_copy", lora=lora,
+                            gradient_checkpointing=mode.endswith("-ckpt"), sharding=bf16,
                             schedule=ThresholdRiskSchedule(0.5, beta_low=0.0, beta_high=0.9) if sparse else None,
                             optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2))
     data = ChatSFTDataModule(train=str(TINY_DATA), tokenizer=model_dir, batch_size=3, max_length=256, seed=0)

@@ -69,7 +69,7 @@ def fsdp_runs(tiny_model_dir, tmp_path_factory):
     known = [i for i in expected if i != left_out]
     cache.update(known, [expected[i] for i in known])
     runs = {}
-    for mode in ("fsdp2", "ddp", "fsdp2-ckpt", "fsdp2-sparse", "ddp-sparse", "fsdp2-bf16"):
+    for mode in ("fsdp2", "ddp", "fsdp2-ckpt", "fsdp2-sparse", "ddp-sparse", "fsdp2-bf16", "fsdp2-lora", "ddp-lora"):
         cache_file = root / f"{mode}_risk.json"
         cache.save(cache_file)
         reports = run_worker(root, tiny_model_dir, root / "probe", cache_file, mode)
@@ -84,17 +84,27 @@ def fsdp_runs(tiny_model_dir, tmp_path_factory):
 
 
 @pytest.mark.parametrize(
-    "mode", ["fsdp2", "fsdp2-ckpt", "fsdp2-sparse"], ids=["plain", "gradient-checkpointing", "reference-on-some-rows"]
+    "mode",
+    ["fsdp2", "fsdp2-ckpt", "fsdp2-sparse", "fsdp2-lora"],
+    ids=["full", "gradient-checkpointing", "reference-on-some-rows", "lora-adapter-disabled-reference"],
 )
 def test_fsdp2_trains_the_same_weights_as_ddp(fsdp_runs, tiny_model_dir, mode):
-    sharded, replicated = fsdp_runs[mode]["weights"], fsdp_runs["ddp-sparse" if "sparse" in mode else "ddp"]["weights"]
+    ddp = {"fsdp2-sparse": "ddp-sparse", "fsdp2-lora": "ddp-lora"}.get(mode, "ddp")
+    sharded, replicated = fsdp_runs[mode]["weights"], fsdp_runs[ddp]["weights"]
     assert sharded.keys() == replicated.keys() and len(sharded) > 10
     for name, value in replicated.items():
         torch.testing.assert_close(sharded[name], value, rtol=0, atol=1e-5, msg=f"{name} differs from DDP")
     initial = load_causal_lm(str(tiny_model_dir)).state_dict()
-    changed = [name for name, value in replicated.items() if (value - initial[name]).abs().max() > 1e-3]
-    assert len(changed) > len(replicated) // 2, "training should move most weights (else equality proves little)"
-    assert fsdp_runs["fsdp2"]["reports"][0]["world_size"] == 2
+    if mode.endswith("-lora"):  # the adapter moved (B starts at 0), the base did not
+        adapter_b = [value for name, value in replicated.items() if "lora_B" in name]
+        assert adapter_b and all(value.abs().max() > 1e-3 for value in adapter_b)
+        base = {name.replace("base_model.model.", "", 1).replace(".base_layer", ""): value
+                for name, value in replicated.items() if "lora_" not in name}
+        assert base.keys() == initial.keys() and all(torch.equal(base[k], initial[k]) for k in initial)
+    else:
+        changed = [name for name, value in replicated.items() if (value - initial[name]).abs().max() > 1e-3]
+        assert len(changed) > len(replicated) // 2, "training should move most weights (else equality proves little)"
+    assert fsdp_runs[mode]["reports"][0]["world_size"] == 2
 
 
 def test_fsdp2_mixed_precision_computes_in_bf16_and_keeps_float32_weights(fsdp_runs):
@@ -116,6 +126,8 @@ def test_fsdp2_shards_the_frozen_reference_like_the_policy(fsdp_runs):
         assert 0.45 < sizes["policy"] < 0.55, sizes
     for report in fsdp_runs["ddp"]["reports"]:
         assert report["sizes"]["reference"] == 1.0 and report["sizes"]["sharded"] == 0.0
+    for report in fsdp_runs["fsdp2-lora"]["reports"]:  # one copy of the weights (no reference module), sharded
+        assert "reference" not in report["sizes"] and 0.45 < report["sizes"]["policy"] < 0.55
 
 
 def test_a_rank_without_regularized_rows_still_joins_the_sharded_reference_forward(fsdp_runs):
@@ -129,7 +141,8 @@ def test_a_rank_without_regularized_rows_still_joins_the_sharded_reference_forwa
 
 
 def test_reference_log_probs_equal_the_policy_before_the_first_step_and_differ_after(fsdp_runs):
-    for mode in ("fsdp2", "ddp"):
+    # Also under LoRA, where the reference is the sharded base with the adapter switched off.
+    for mode in ("fsdp2", "ddp", "fsdp2-lora", "ddp-lora"):
         for report in fsdp_runs[mode]["reports"]:
             before, after = report["gaps"]
             assert before < 1e-5, (mode, before)
@@ -138,14 +151,14 @@ def test_reference_log_probs_equal_the_policy_before_the_first_step_and_differ_a
 
 def test_probe_hooks_read_the_right_layer_and_sharded_ranks_run_the_same_forwards(fsdp_runs):
     # The one score computed during training equals the unsharded process's score.
-    for mode in ("fsdp2", "ddp", "fsdp2-ckpt"):
+    for mode in ("fsdp2", "ddp", "fsdp2-ckpt", "fsdp2-lora", "ddp-lora"):
         assert abs(fsdp_runs[mode]["left_out_score"] - fsdp_runs["expected_left_out_score"]) < 1e-5, mode
     # Exactly one rank had the uncached example (DDP: that rank ran one more reference forward) ...
     ddp = fsdp_runs["ddp"]["reports"]
     assert sorted(r["scored"] for r in ddp) == [0, 1]
     assert abs(ddp[0]["reference_forwards"] - ddp[1]["reference_forwards"]) == 1
     # ... but under FSDP2 the other rank ran the same forward too (its weights are gathered together).
-    for mode in ("fsdp2", "fsdp2-ckpt"):
+    for mode in ("fsdp2", "fsdp2-ckpt", "fsdp2-lora"):
         sharded = fsdp_runs[mode]["reports"]
         assert sorted(r["scored"] for r in sharded) == [0, 1]
         assert sharded[0]["reference_forwards"] == sharded[1]["reference_forwards"]

@@ -16,7 +16,7 @@ WORKER = Path(__file__).with_name("eval_ddp_worker.py")
 sys.path.insert(0, str(WORKER.parent))
 
 
-@pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
+@pytest.mark.parametrize("mode", ["ddp", "fsdp2", "fsdp2-lora"])
 def test_ddp_evaluation_counts_each_prompt_once_and_equals_one_process(tiny_model_dir, tmp_path, mode):
     """DDP, and FSDP2 (generation from sharded weights, ranks in lockstep over uneven shares)."""
     from eval_ddp_worker import HARMFUL, SAFE, callback
@@ -27,7 +27,7 @@ def test_ddp_evaluation_counts_each_prompt_once_and_equals_one_process(tiny_mode
     assert run.returncode == 0, run.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert ranks[0]["world_size"] == 2
-    assert ranks[0]["sharded"] == (mode == "fsdp2")
+    assert ranks[0]["sharded"] == mode.startswith("fsdp2")
     # Uneven, disjoint shares that cover every prompt once: no DistributedSampler padding duplicates.
     assert sorted(ranks[0]["harmful_indices"] + ranks[1]["harmful_indices"]) == list(range(len(HARMFUL)))
     assert (len(ranks[0]["harmful_indices"]), len(ranks[1]["harmful_indices"])) == (4, 3)
