@@ -195,7 +195,7 @@ def adaptive_kl_loss(
     batch, "token" (ordinary token-mean SFT) lets longer responses weigh more; "example" gives
     every row the same weight, which is what the authors' micro-batches of one example amount to
     under gradient accumulation. The difference matters when risky rows have long responses and
-    the task's rows short ones (a 2-token label against a 70-token harmful answer): under "token"
+    the task's rows short ones (a 2-token label against a 90-token harmful answer): under "token"
     the KL on the few long risky rows can outweigh the whole task. With ``beta == 0`` everywhere
     "token" is plain SFT cross-entropy.
     ``beta`` is detached: the weights are constants, not learned. The reference logits are also

@@ -122,7 +122,7 @@ def demo(
         max_new_tokens: tokens generated per evaluation prompt.
         normalization: the fine-tuning loss's batch average: ``example`` (every row weighs the
             same, as in the paper's one-example micro-batches) or ``token`` (long answers weigh more;
-            here the harmful rows' ~70-token answers then drown the task's 2-token labels).
+            here the harmful rows' ~90-token answers then drown the task's 2-token answers).
         seed: LoRA initialisation, data order and the attack mix.
         quick: tiny sizes and one epoch (a smoke test of the pipeline; the numbers mean little).
         progress: progress bars.
