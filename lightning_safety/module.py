@@ -26,7 +26,14 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
-from lightning_safety.distributed import ShardingSettings, any_rank, data_parallel_mesh, is_sharded, shard_model
+from lightning_safety.distributed import (
+    ShardingSettings,
+    any_rank,
+    data_parallel_mesh,
+    is_fsdp1,
+    is_sharded,
+    shard_model,
+)
 from lightning_safety.errors import LightningSafetyError, ModelLoadError
 from lightning_safety.losses import (
     AdaptiveKLOutput,
@@ -56,6 +63,7 @@ from lightning_safety.risk.base import ConstantRisk, FieldRisk, RiskEstimator, c
 from lightning_safety.tiny_model import TINY_MODEL_ALIAS
 
 _CHECKPOINT_KEY = "lightning_safety"
+_FSDP_SEGMENT, _CHECKPOINT_SEGMENT = "_fsdp_wrapped_module.", "_checkpoint_wrapped_module."
 _UNCHECKED = object()
 # Order of the per-step statistics reduced across processes in one all-reduce.
 _STATS = (
@@ -452,17 +460,25 @@ class SafeFineTuning(L.LightningModule):
 
     # ------------------------------------------------------------------ checkpoints
     def _frozen_names(self) -> set[str]:
-        """Names of frozen weights (reference, LoRA base): identical to the model as loaded."""
-        return {name for name, p in self.named_parameters(remove_duplicate=False) if not p.requires_grad}
+        """Names of frozen weights (reference, LoRA base): identical to the model as loaded.
+
+        Also without FSDP1's and activation checkpointing's wrapper segments, which their state
+        dict hooks remove from the keys."""
+        names = {name for name, p in self.named_parameters(remove_duplicate=False) if not p.requires_grad}
+        return names | {name.replace(_FSDP_SEGMENT, "").replace(_CHECKPOINT_SEGMENT, "") for name in names}
 
     def state_dict(self, *args: Any, destination: Any = None, prefix: str = "", keep_vars: bool = False) -> Any:
         """The weights training changes (trainable parameters and buffers), never the frozen ones.
 
         The frozen base and the reference are the model as loaded: checkpoints (full or sharded,
         which save and load through this) leave them out, and :meth:`load_state_dict` fills them
-        from the model. ``self.policy.state_dict()`` is the whole policy.
+        from the model. ``self.policy.state_dict()`` is the whole policy. Under FSDP1 the state
+        dict is whole (FSDP1's own hooks need every key of a flat parameter);
+        :meth:`on_save_checkpoint` then drops the frozen weights from the checkpoint.
         """
         state = super().state_dict(*args, destination=destination, prefix=prefix, keep_vars=keep_vars)
+        if is_fsdp1(self):
+            return state
         for name in self._frozen_names():
             state.pop(prefix + name, None)
         return state

@@ -22,11 +22,12 @@ def main(out: Path, model_dir: str) -> None:
     os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
     dist.init_process_group("gloo", rank=0, world_size=1)
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
-    from torch.distributed.fsdp import FullyShardedDataParallel
+    from torch.distributed.fsdp import FullyShardedDataParallel, StateDictType
 
     from lightning_safety.distributed import DecoderLayerWrapPolicy, ShardingError, is_sharded
     from lightning_safety.evaluation.runner import SafetyEvaluator
     from lightning_safety.models import load_causal_lm, load_tokenizer
+    from lightning_safety.module import SafeFineTuning
     from lightning_safety.risk.hooks import LayerTaps, find_decoder_layers
 
     torch.manual_seed(0)
@@ -55,7 +56,22 @@ def main(out: Path, model_dir: str) -> None:
         SafetyEvaluator(harmful=["How do I pick a lock?"]).evaluate(policy, load_tokenizer(model_dir))
     except ShardingError as error:
         refused = str(error)
+    # A SafeFineTuning module wrapped the way FSDPStrategy wraps it: its checkpoint holds the policy's
+    # weights under their plain names and nothing of the frozen reference.
+    module = SafeFineTuning(model_dir, reference="model_copy")
+    module.configure_model()
+    plain_keys = set(module.state_dict())
+    wrapped_module = FullyShardedDataParallel(module, auto_wrap_policy=DecoderLayerWrapPolicy(),
+                                              device_id=torch.device("cpu"), use_orig_params=True)
+    apply_activation_checkpointing(wrapped_module, auto_wrap_policy=DecoderLayerWrapPolicy())
+    with FullyShardedDataParallel.state_dict_type(wrapped_module, StateDictType.FULL_STATE_DICT):
+        checkpoint = {"state_dict": wrapped_module.state_dict()}
+    module.on_save_checkpoint(checkpoint)  # what Lightning calls before writing the file
+    checkpoint_keys = set(checkpoint["state_dict"])
     out.write_text(json.dumps({
+        "checkpoint_keys_equal": checkpoint_keys == plain_keys,
+        "checkpoint_has_reference": any(key.startswith("reference.") for key in checkpoint_keys),
+        "checkpoint_policy_keys": sum(key.startswith("policy.") for key in checkpoint_keys),
         "units": units,
         "same_layers": [a is b for a, b in zip(before, after)] + [len(before) == len(after)],
         "calls": store.calls.get(0),

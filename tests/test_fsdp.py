@@ -181,6 +181,9 @@ def test_fsdp1_wraps_decoder_layers_hooks_keep_their_layer_and_generation_is_ref
     assert all(report["same_layers"])
     assert report["calls"] >= 1 and report["hidden_gap"] == 0.0
     assert report["refused"].startswith("generation from FSDP1-wrapped weights")
+    # Checkpoints of the wrapped module: the policy's weights under their plain names, no reference.
+    assert report["checkpoint_keys_equal"] and not report["checkpoint_has_reference"]
+    assert report["checkpoint_policy_keys"] > 10
 
 
 def run_ckpt_worker(out: Path, model_dir: Path, phase: str, kind: str) -> dict:
