@@ -75,6 +75,12 @@ class Measure(L.Callback):
         real = batch["attention_mask"].bool()
         self.gaps.append(float((policy - reference).abs()[real].max()))
 
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        params = list(pl_module.parameters())
+        self.sizes["frozen_with_grad"] = float(sum(p.grad is not None for p in params if not p.requires_grad))
+        self.sizes["trainable_with_grad"] = float(sum(p.grad is not None for p in params if p.requires_grad))
+        self.sizes["trainable"] = float(sum(p.requires_grad for p in params))
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.regularized_steps.append(bool((outputs["beta"] > 0).any()))
         self.losses.append(float(trainer.callback_metrics["train/loss"]))

@@ -128,6 +128,9 @@ def test_fsdp2_shards_the_frozen_reference_like_the_policy(fsdp_runs):
         assert report["sizes"]["reference"] == 1.0 and report["sizes"]["sharded"] == 0.0
     for report in fsdp_runs["fsdp2-lora"]["reports"]:  # one copy of the weights (no reference module), sharded
         assert "reference" not in report["sizes"] and 0.45 < report["sizes"]["policy"] < 0.55
+        # Frozen base weights get no gradient (FSDP2 shards per parameter): only the adapter has one.
+        sizes = report["sizes"]
+        assert sizes["frozen_with_grad"] == 0 and sizes["trainable_with_grad"] == sizes["trainable"] > 0
 
 
 def test_a_rank_without_regularized_rows_still_joins_the_sharded_reference_forward(fsdp_runs):
