@@ -322,7 +322,9 @@ def write_markdown(path: Path, results: dict[str, Any]) -> str:
         f"{setup['finetune_a']['lr']}, batch {setup['finetune_a']['batch_size']}, max_length "
         f"{setup['finetune_a']['max_length']}, AdamW, gradient clip 1; adaptive: beta = "
         f"{setup['finetune_a']['beta_min']} + {setup['finetune_a']['beta_max'] - setup['finetune_a']['beta_min']:.1f}"
-        " * risk, convex weighting, forward KL.",
+        " * risk, convex weighting, forward KL; loss normalization "
+        f"`{setup['finetune_a'].get('normalization', 'token')}` (token: mean over response tokens; example: "
+        "every row weighs the same).",
         f"- Evaluation: {setup['sizes']['test']} AdvBench test requests, {setup['sizes']['xstest']} XSTest safe "
         f"prompts, {setup['sizes']['sst2_dev']} SST-2 dev sentences; greedy, {setup['max_new_tokens']} new tokens.",
         f"- Wall time: {results['seconds']['total'] / 60:.0f} min this run (cells reused from an earlier run count "
