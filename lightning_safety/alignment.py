@@ -49,7 +49,7 @@ from lightning_safety.errors import LightningSafetyError
 from lightning_safety.data.formatting import render_ids
 from lightning_safety.evaluation.generation import GenerationSettings, generate_responses, prompt_messages
 from lightning_safety.models import LoraSettings, load_causal_lm, load_tokenizer, resolve_model_source
-from lightning_safety.paths import atomic_directory, cache_root
+from lightning_safety.paths import atomic_directory, cache_root, save_pretrained_here
 from lightning_safety.quiet import quiet_training
 
 __all__ = [
@@ -448,7 +448,7 @@ def build_aligned_reference(
         "seconds": round(time.perf_counter() - started, 2),
     }
     with atomic_directory(target) as tmp:
-        aligned.save_pretrained(tmp)
+        save_pretrained_here(aligned, tmp)
         tokenizer.save_pretrained(tmp)
         with open(tmp / _RECORDS_FILE, "w", encoding="utf-8") as file:
             for row in rows:

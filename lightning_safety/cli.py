@@ -39,7 +39,19 @@ class SafetyCLI(LightningCLI):
 
 def main(args: Sequence[str] | None = None) -> None:
     """Console entry point (``lightning-safety``)."""
-    run_cli(args)
+    try:
+        run_cli(args)
+    finally:
+        _release_process_group()
+
+
+def _release_process_group() -> None:
+    """Destroy a process group a distributed run left behind, before the interpreter exits: left to
+    interpreter shutdown, gloo's threads can be destroyed while joinable and abort the process."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def run_cli(args: Sequence[str] | None = None) -> SafetyCLI | Any:

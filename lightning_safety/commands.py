@@ -311,7 +311,7 @@ def export(checkpoint: str, output: str, merge: bool = False) -> str:
     """
     from lightning_safety.evaluation.loading import load_checkpoint_policy
     from lightning_safety.models import is_peft_model, load_tokenizer
-    from lightning_safety.paths import atomic_directory
+    from lightning_safety.paths import atomic_directory, save_pretrained_here
 
     target = Path(output)
     if target.exists():
@@ -323,7 +323,7 @@ def export(checkpoint: str, output: str, merge: bool = False) -> str:
     elif not is_peft_model(policy):
         kind = "model"
     with atomic_directory(target) as tmp:
-        policy.save_pretrained(tmp)
+        save_pretrained_here(policy, tmp)
         load_tokenizer(source).save_pretrained(tmp)
     print(f"{kind} of {checkpoint} (base {source}) written to {target}")
     return str(target)

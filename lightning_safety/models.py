@@ -37,7 +37,7 @@ from torch import Tensor, nn
 
 from lightning_safety.errors import IncompatibleReferenceError, ModelLoadError
 from lightning_safety.losses import ProjectedLogits
-from lightning_safety.paths import atomic_directory, cache_root
+from lightning_safety.paths import atomic_directory, cache_root, save_pretrained_here
 from lightning_safety.tiny_model import TINY_MODEL_ALIAS, tiny_model_folder
 
 SMOLLM2_ALIAS = "smollm2-135m-instruct"
@@ -134,7 +134,7 @@ def smollm2_folder(root: Path | None = None) -> Path:
     plain.load_state_dict(quantised.state_dict())
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     with atomic_directory(target) as tmp:
-        plain.save_pretrained(tmp)
+        save_pretrained_here(plain, tmp)
         tokenizer.save_pretrained(tmp)
     return target
 

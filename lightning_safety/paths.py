@@ -8,6 +8,7 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 CACHE_ENV = "LIGHTNING_SAFETY_CACHE"
 
@@ -66,3 +67,22 @@ def atomic_directory(target: Path) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def save_pretrained_here(model: Any, folder: Path) -> None:
+    """``model.save_pretrained(folder)`` that writes the weights in this process, whatever its rank.
+
+    Under an initialised ``torch.distributed`` process group transformers writes a model only on
+    rank 0 (``should_save_on_this_rank``). The caches write into a private temporary folder that
+    is then renamed into place, so a rank that wrote no weights would publish a folder without
+    them (seen: a 2-process DDP run with a cold cache got a tiny-model folder holding only the
+    tokenizer). The folder is this process's own, so this process writes it.
+    """
+    if hasattr(type(model), "should_save_on_this_rank"):
+        model.should_save_on_this_rank = lambda is_main_process=True: True  # this instance only
+        try:
+            model.save_pretrained(folder)
+        finally:
+            del model.should_save_on_this_rank
+    else:
+        model.save_pretrained(folder)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from lightning_safety.paths import atomic_directory, cache_root
+from lightning_safety.paths import atomic_directory, cache_root, save_pretrained_here
 
 TINY_MODEL_ALIAS = "tiny-random-llama"
 
@@ -86,6 +86,6 @@ def tiny_model_folder(root: Path | None = None, seed: int = 0) -> Path:
     tokenizer = build_byte_tokenizer()
     model = build_tiny_llama(vocab_size=len(tokenizer), seed=seed)
     with atomic_directory(target) as tmp:
-        model.save_pretrained(tmp)
+        save_pretrained_here(model, tmp)
         tokenizer.save_pretrained(tmp)
     return target

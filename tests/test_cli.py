@@ -19,11 +19,11 @@ CONFIGS = sorted((REPO_ROOT / "configs").glob("*.yaml"))
 RUNNABLE = {"tiny.yaml"}
 
 
-def run_console(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+def run_console(*args: str, timeout: int = 600, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "lightning_safety.cli", *args],
         cwd=REPO_ROOT,
-        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT), **(env or {})},
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -131,6 +131,12 @@ def test_lr_scheduler_from_the_command_line_steps_every_optimizer_step(tmp_path,
 
 
 def test_ddp_recipe_runs_two_processes_from_the_console(tmp_path):
-    result = run_console("fit", "--config", "configs/tiny_ddp.yaml", "--trainer.default_root_dir", str(tmp_path))
+    # A cold model cache: both ranks build the tiny model after the process group is up, where
+    # transformers writes weights only on rank 0 (rank 1 used to publish a folder without them).
+    cache = tmp_path / "cache"
+    result = run_console("fit", "--config", "configs/tiny_ddp.yaml", "--trainer.default_root_dir", str(tmp_path),
+                         env={"LIGHTNING_SAFETY_CACHE": str(cache)})
     assert result.returncode == 0, result.stderr[-3000:]
+    built = cache / "tiny-random-llama-seed0"
+    assert (built / "config.json").is_file() and (built / "model.safetensors").is_file()
     assert "Initializing distributed: GLOBAL_RANK: 1, MEMBER: 2/2" in result.stderr + result.stdout
