@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -13,6 +10,7 @@ import lightning as L
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
+from scripts import run_script
 from transformers import AutoModelForCausalLM
 
 from lightning_safety.callbacks.audit import AUDIT_COLUMNS, RiskAuditLog, read_audit_log
@@ -327,15 +325,7 @@ def test_ddp_ranks_write_their_own_files_and_refuse_together(tiny_model_dir, tmp
     out = tmp_path / "out"
     out.mkdir()
     rank1 = out / "audit.rank1.jsonl"
-    result = subprocess.run(
-        [sys.executable, str(worker), str(out), str(tiny_model_dir), str(TINY_DATA)],
-        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_script(worker, out, tiny_model_dir, TINY_DATA, timeout=300)
     assert not (out / "audit.jsonl").exists() and not (out / "audit.rank0.jsonl").exists()
     # Rank 1's file from the first fit is left untouched by the refused one.
     ranks = [read_audit_log(out / "first.rank0.jsonl"), read_audit_log(rank1)]

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from scripts import run_script
 
 from lightning_safety.module import SafeFineTuning
 
@@ -31,15 +29,7 @@ def pad_and_concatenate(first: dict, second: dict, pad_id: int) -> dict:
 
 @pytest.mark.parametrize("normalization", ["token", "example"])
 def test_ddp_two_processes_identical_weights_global_loss_and_shared_risk_cache(tiny_model_dir, tmp_path, normalization):
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    result = subprocess.run(
-        [sys.executable, str(WORKER), str(tmp_path), str(tiny_model_dir), normalization],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_script(WORKER, tmp_path, tiny_model_dir, normalization)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
     assert ranks[0]["world_size"] == 2
     for name, value in ranks[0]["state"].items():

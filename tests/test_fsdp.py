@@ -7,13 +7,11 @@ compared with DDP on the same seed and data, and with one unsharded process.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from scripts import run_script
 
 from lightning_safety.data import ChatSFTDataModule
 from lightning_safety.models import load_causal_lm, load_tokenizer
@@ -32,15 +30,7 @@ BENIGN = ["How do I bake bread?", "Write a poem about spring.", "What is the cap
 
 
 def run_worker(out: Path, model_dir: Path, probe_dir: Path, cache: Path, mode: str) -> list[dict]:
-    result = subprocess.run(
-        [sys.executable, str(WORKER), str(out), str(model_dir), str(probe_dir), str(cache), mode],
-        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_script(WORKER, out, model_dir, probe_dir, cache, mode)
     return [json.loads((out / f"{mode}_rank{rank}.json").read_text()) for rank in (0, 1)]
 
 
@@ -170,11 +160,7 @@ def test_probe_hooks_read_the_right_layer_and_sharded_ranks_run_the_same_forward
 def test_fsdp1_wraps_decoder_layers_hooks_keep_their_layer_and_generation_is_refused(tiny_model_dir, tmp_path):
     """FSDPStrategy's wrapping, applied with torch on CPU (Lightning's FSDPStrategy refuses the CPU)."""
     out = tmp_path / "fsdp1.json"
-    result = subprocess.run(
-        [sys.executable, str(WORKER.with_name("fsdp1_worker.py")), str(out), str(tiny_model_dir)],
-        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)}, capture_output=True, text=True, timeout=300, check=False,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_script(WORKER.with_name("fsdp1_worker.py"), out, tiny_model_dir, timeout=300)
     report = json.loads(out.read_text())
     # DecoderLayerWrapPolicy read the layer class from the model: the root plus one unit per layer.
     assert report["units"] == ["", "_fsdp_wrapped_module.policy.model.layers.0",
@@ -190,11 +176,7 @@ def test_fsdp1_wraps_decoder_layers_hooks_keep_their_layer_and_generation_is_ref
 
 
 def run_ckpt_worker(out: Path, model_dir: Path, phase: str, kind: str) -> dict:
-    result = subprocess.run(
-        [sys.executable, str(WORKER.with_name("fsdp_ckpt_worker.py")), str(out), str(model_dir), phase, kind],
-        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)}, capture_output=True, text=True, timeout=600, check=False,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_script(WORKER.with_name("fsdp_ckpt_worker.py"), out, model_dir, phase, kind)
     return torch.load(out / f"{kind}_{phase}_weights.pt", weights_only=True)
 
 

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from scripts import run_script
 
 from lightning_safety.models import load_causal_lm, load_tokenizer
 
@@ -21,10 +20,7 @@ def test_ddp_evaluation_counts_each_prompt_once_and_equals_one_process(tiny_mode
     """DDP, and FSDP2 (generation from sharded weights, ranks in lockstep over uneven shares)."""
     from eval_ddp_worker import HARMFUL, SAFE, callback
 
-    env = {**os.environ, "PYTHONPATH": str(WORKER.parents[1])}
-    run = subprocess.run([sys.executable, str(WORKER), str(tmp_path), str(tiny_model_dir), mode], env=env,
-                         capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
+    run_script(WORKER, tmp_path, tiny_model_dir, mode)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert ranks[0]["world_size"] == 2
     assert ranks[0]["sharded"] == mode.startswith("fsdp2")

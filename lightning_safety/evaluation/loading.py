@@ -80,18 +80,15 @@ def load_checkpoint_policy(path: str | Path) -> tuple[nn.Module, str]:
     weights (the LoRA adapter, or every weight of a full fine-tuning) are put on it; the policy
     keeps its PEFT wrapper under LoRA.
     """
-    import io
-
-    import torch
-
     from lightning_safety.module import SafeFineTuning
 
     checkpoint = read_checkpoint(path)
-    source = checkpoint.get("hyper_parameters", {}).get("model")
+    hparams = checkpoint.get("hyper_parameters", {})
+    source = hparams.get("model")
     if not isinstance(source, str):
         raise ModelLoadError(f"{path} does not name its base model (it was built from a model object): pass --model")
-    buffer = io.BytesIO()
-    torch.save({k: v for k, v in checkpoint.items() if k != "optimizer_states"}, buffer)
-    buffer.seek(0)
-    module = SafeFineTuning.load_from_checkpoint(buffer, map_location="cpu", weights_only=True)
+    # What load_from_checkpoint does, from the dict already in memory (a sharded folder has no file to reread).
+    module = SafeFineTuning(**{k: v for k, v in hparams.items() if not k.startswith("_")})
+    module.on_load_checkpoint(checkpoint)  # builds the model, restores the schedule
+    module.load_state_dict(checkpoint["state_dict"])  # strict about the trained weights
     return module.policy, source
