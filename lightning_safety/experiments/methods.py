@@ -8,7 +8,8 @@ different weight on the KL toward that reference:
 ``sft``            plain SFT: beta = 0 (the attack as it is)
 ``constant_kl``    the paper's C-SFT: the same beta for every example
 ``adaptive_probe`` beta = beta_min + (beta_max - beta_min) * risk, risk from an activation probe
-``adaptive_judge`` the same with risk from a judge (the paper's Safety Critic)
+``adaptive_judge`` the same with risk from a judge rating the request alone
+``adaptive_judge_pair`` the same with a judge rating the (request, response) pair (the paper's Safety Critic)
 ``adaptive_max``   the same with the higher of the two risks (defence in depth)
 =================  =============================================================================
 
@@ -37,7 +38,7 @@ from lightning_safety.quiet import quiet_training
 __all__ = ["METHODS", "FinetuneResult", "FinetuneSettings", "Method", "MethodError", "estimator_rates", "finetune",
            "method"]
 
-RiskKind = Literal["none", "probe", "judge", "max"]
+RiskKind = Literal["none", "probe", "judge", "judge_pair", "max"]
 
 
 class MethodError(LightningSafetyError):
@@ -49,7 +50,7 @@ class Method:
     """One compared fine-tuning method.
 
     Attributes:
-        name: ``sft``, ``constant_kl``, ``adaptive_probe``, ``adaptive_judge`` or ``adaptive_max``.
+        name: one of :data:`METHODS`.
         risk: which risk estimator feeds beta (``none`` for the constant-beta methods).
         beta: the constant beta of ``sft`` (0) and ``constant_kl``; None for the adaptive methods.
     """
@@ -63,7 +64,8 @@ class Method:
         return f"constant_kl(beta={self.beta:g})" if self.name == "constant_kl" else self.name
 
 
-METHODS: tuple[str, ...] = ("sft", "constant_kl", "adaptive_probe", "adaptive_judge", "adaptive_max")
+METHODS: tuple[str, ...] = ("sft", "constant_kl", "adaptive_probe", "adaptive_judge", "adaptive_judge_pair",
+                            "adaptive_max")
 
 
 def method(name: str, beta: float | None = None) -> Method:
@@ -74,7 +76,8 @@ def method(name: str, beta: float | None = None) -> Method:
         if beta is None or not 0.0 < float(beta) <= 1.0:
             raise MethodError(f"constant_kl needs a beta in (0, 1], got {beta!r}: pick one on a validation split")
         return Method("constant_kl", "none", float(beta))
-    risks = {"adaptive_probe": "probe", "adaptive_judge": "judge", "adaptive_max": "max"}
+    risks = {"adaptive_probe": "probe", "adaptive_judge": "judge", "adaptive_judge_pair": "judge_pair",
+             "adaptive_max": "max"}
     if name not in risks:
         raise MethodError(f"unknown method {name!r}: use one of {', '.join(METHODS)}")
     return Method(name, risks[name])  # type: ignore[arg-type]
@@ -156,12 +159,15 @@ def _estimator(method_: Method, probe: Any, judge: Any) -> Any:
             raise MethodError(f"{method_.name} needs a {what}: pass {what}=... to finetune")
         return thing
 
-    # The judge rates the request alone: the replication's judge head is trained on requests
-    # (see benchmarks/replicate.py), and a head must score the kind of text it was trained on.
+    # ``judge`` rates the request alone (the replication's head is trained on requests, and a head must
+    # score the kind of text it was trained on); ``judge_pair`` rates request + answer, so give it a
+    # judge trained on pairs.
     if method_.risk == "probe":
         return ProbeRisk(need(probe, "probe"))
     if method_.risk == "judge":
         return JudgeRisk(need(judge, "judge"), include_response=False)
+    if method_.risk == "judge_pair":
+        return JudgeRisk(need(judge, "judge"), include_response=True)
     if method_.risk == "max":
         return MaxRisk(ProbeRisk(need(probe, "probe")), JudgeRisk(need(judge, "judge"), include_response=False))
     return None
@@ -182,17 +188,19 @@ def finetune(
     Args:
         model: the safe model (name or folder), e.g. the folder of
             :func:`~lightning_safety.alignment.build_aligned_reference`.
-        rows: ``{"id", "prompt", "response", ...}`` training rows.
+        rows: ``{"id", "prompt", "response", ...}`` training rows; a row's ``system`` field, where
+            present, is its system prompt.
         method_: see :func:`method`.
         settings: sizes (:class:`FinetuneSettings`).
         probe: an :class:`~lightning_safety.risk.ActivationProbe` of ``model`` (``adaptive_probe``/``max``).
-        judge: a :class:`~lightning_safety.risk.judges.Judge` (``adaptive_judge``/``max``).
+        judge: a :class:`~lightning_safety.risk.judges.Judge` (``adaptive_judge``/``judge_pair``/``max``).
         progress: Lightning's progress bar.
     """
     import lightning as L
 
     from lightning_safety.callbacks import RiskCallback
     from lightning_safety.data.datamodule import ChatSFTDataModule
+    from lightning_safety.data.records import FieldMap
     from lightning_safety.losses import ConstantBeta, LinearRiskSchedule
     from lightning_safety.models import load_tokenizer
     from lightning_safety.module import SafeFineTuning
@@ -207,8 +215,9 @@ def finetune(
     callbacks = [RiskCallback(estimator, log_stats=False)] if estimator is not None else []
     with torch.random.fork_rng(devices=[]), quiet_training(not progress):
         torch.manual_seed(settings.seed)
+        fields = FieldMap(system="system") if any(row.get("system") for row in rows) else FieldMap()
         data = ChatSFTDataModule(train=list(rows), tokenizer=tokenizer, max_length=settings.max_length,
-                                 batch_size=settings.batch_size, seed=settings.seed)
+                                 batch_size=settings.batch_size, seed=settings.seed, fields=fields)
         module = SafeFineTuning(
             str(model),
             lora=replace(settings.lora),
@@ -240,11 +249,14 @@ def finetune(
                           steps=int(trainer.global_step), failures=failures)
 
 
-def estimator_rates(risk: dict[str, float], rows: Sequence[dict[str, Any]], threshold: float = 0.5) -> dict[str, Any]:
-    """How an estimator saw the attack data: recall on the harmful rows and FPR on the benign ones at
-    ``threshold``, and the mean risk (hence mean beta) of each kind."""
-    harmful = [risk[str(r["id"])] for r in rows if r.get("is_harmful") and str(r["id"]) in risk]
-    benign = [risk[str(r["id"])] for r in rows if not r.get("is_harmful") and str(r["id"]) in risk]
+def estimator_rates(
+    risk: dict[str, float], rows: Sequence[dict[str, Any]], threshold: float = 0.5, flag: str = "is_harmful"
+) -> dict[str, Any]:
+    """How an estimator saw the attack data: recall on the flagged rows and FPR on the others at
+    ``threshold``, and the mean risk (hence mean beta) of each kind. ``flag`` is the row field that
+    marks the rows a defence should hold (``is_harmful``, or the zoo's ``is_attack``)."""
+    harmful = [risk[str(r["id"])] for r in rows if r.get(flag) and str(r["id"]) in risk]
+    benign = [risk[str(r["id"])] for r in rows if not r.get(flag) and str(r["id"]) in risk]
 
     def share(values: list[float]) -> float | None:
         return None if not values else sum(v >= threshold for v in values) / len(values)
