@@ -105,6 +105,11 @@ class SafeFineTuning(L.LightningModule):
         optimizer: optimizer over the trainable parameters only.
         lr_scheduler: optional scheduler, stepped every optimizer step.
 
+    Attributes:
+        beta_floor: every row's beta is at least this (0 by default); set during training by
+            :class:`~lightning_safety.callbacks.SafetyDriftController` while the model drifts from
+            safety on its canary requests.
+
     Example::
 
         module = SafeFineTuning("smollm2-135m-instruct", lora=LoraSettings(r=8))
@@ -170,6 +175,7 @@ class SafeFineTuning(L.LightningModule):
             raise LightningSafetyError(f"normalization must be 'token' or 'example'; got {normalization!r}")
         self.normalization = normalization
         self.chunk_size = chunk_size
+        self.beta_floor = 0.0
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
         self.policy: nn.Module | None = None
@@ -302,6 +308,8 @@ class SafeFineTuning(L.LightningModule):
         input_ids, attention_mask = batch["input_ids"], batch.get("attention_mask")
         risk = self.risk_for(batch)
         beta = self.schedule(risk, update=update_schedule).to(input_ids.device)
+        if self.beta_floor > 0:  # a controller tightens every row while the model drifts from safety
+            beta = beta.clamp(min=float(self.beta_floor))
         keep = self._logits_to_keep(batch["labels"])
         rows = torch.nonzero(beta > 0).squeeze(1)
         ref_logits, ref_rows = None, None
