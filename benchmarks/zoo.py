@@ -21,7 +21,9 @@ Who sees what
 
 Grid: every attack of :data:`lightning_safety.experiments.zoo.ATTACKS` x {plain SFT, constant KL,
 adaptive KL with the probe, with the judge rating the request, with the judge rating request and
-answer} on the first seed; then SFT and the best defence (smallest worst-case ASR excess over the
+answer, with the probe and a :class:`~lightning_safety.callbacks.SafetyDriftController`} on the first
+seed (the controller's budget: ``--drift-margin`` x the largest drift of a clean fine-tune on the
+task rows alone, measured once on the defender's side); then SFT and the best defence (smallest worst-case ASR excess over the
 aligned model, then utility) on the other seeds. Every cell is cached as it finishes
 (``<cache>/zoo/<key>/cells``) and the outputs are rewritten after each one, so a stopped run keeps
 what it measured and continues where it was.
@@ -59,6 +61,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from lightning_safety.alignment import DEFAULT_REFUSALS, AlignmentSettings, build_aligned_reference  # noqa: E402
+from lightning_safety.callbacks import SafetyDriftController  # noqa: E402
 from lightning_safety.data.prompts import PromptSource  # noqa: E402
 from lightning_safety.demo_data import load_demo_prompts, load_demo_rows  # noqa: E402
 from lightning_safety.evaluation.generation import GenerationSettings  # noqa: E402
@@ -84,11 +87,12 @@ DEFAULT_DATA = REPO.parent / "shared" / "data"
 DEFAULT_OUT = REPO / "benchmarks" / "results"
 NEEDED = ("advbench_harmful_behaviors.csv", "alpaca_instructions.jsonl", "xstest_prompts.csv", "sst2_dev.tsv",
           "sst2_train.tsv", "gsm8k_train.jsonl")
-METHODS = ("sft", "constant_kl", "adaptive_probe", "adaptive_judge", "adaptive_judge_pair")
-DEFENCES = ("adaptive_probe", "adaptive_judge", "adaptive_judge_pair")
+METHODS = ("sft", "constant_kl", "adaptive_probe", "adaptive_judge", "adaptive_judge_pair", "adaptive_probe_drift")
+DEFENCES = ("adaptive_probe", "adaptive_judge", "adaptive_judge_pair", "adaptive_probe_drift")
 LABELS = {"aligned": "aligned", "sft": "plain SFT", "constant_kl": "constant KL", "adaptive_probe": "adaptive (probe)",
-          "adaptive_judge": "adaptive (judge, request)", "adaptive_judge_pair": "adaptive (judge, request+answer)"}
-QUICK = {"task_rows": 16, "attack_rows": 4, "full_rows": 8, "other_benign": 8, "test": 8, "xstest": 8, "sst2_dev": 16,
+          "adaptive_judge": "adaptive (judge, request)", "adaptive_judge_pair": "adaptive (judge, request+answer)",
+          "adaptive_probe_drift": "adaptive (probe) + drift controller"}
+QUICK = {"canaries": 8, "task_rows": 16, "attack_rows": 4, "full_rows": 8, "other_benign": 8, "test": 8, "xstest": 8, "sst2_dev": 16,
          "epochs": 1, "epochs_full": 1, "align_harmful": 12, "align_benign": 12, "align_epochs": 1, "max_new_tokens": 8,
          "attack_max_new_tokens": 24, "seeds": [0], "estimator_task_rows": 8}
 
@@ -314,7 +318,7 @@ def plot(path: Path, results: dict[str, Any]) -> None:
     attacks = list(summary)
     methods = ["aligned"] + [m for m in METHODS if any(m in row for row in summary.values())]
     colours = {"aligned": "black", "sft": "tab:red", "constant_kl": "tab:orange", "adaptive_probe": "tab:blue",
-               "adaptive_judge": "tab:green", "adaptive_judge_pair": "tab:purple"}
+               "adaptive_judge": "tab:green", "adaptive_judge_pair": "tab:purple", "adaptive_probe_drift": "tab:cyan"}
     fig, ax = plt.subplots(figsize=(12, 4.8))
     width = 0.8 / len(methods)
     for i, name in enumerate(methods):
@@ -366,6 +370,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--normalization", choices=["token", "example"], default="example")
     parser.add_argument("--beta", type=float, default=0.5, help="constant KL's beta (the replication's pick)")
+    parser.add_argument("--canaries", type=int, default=32, help="the defender's harmful canary requests (drift)")
+    parser.add_argument("--drift-every", type=int, default=2, help="optimizer steps between drift measurements")
+    parser.add_argument("--drift-margin", type=float, default=2.0,
+                        help="drift budget = this x the largest drift of a clean task fine-tune")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--attacks", nargs="+", default=list(zoo.ATTACKS))
     parser.add_argument("--methods", nargs="+", default=list(METHODS))
@@ -415,6 +423,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     borderline = load_demo_prompts("borderline")
     estimator_harmful = [r["prompt"] for r in builtin_harmful if r["category"] not in args.held_out]
     estimator_benign = load_demo_prompts("benign") + borderline + [SST2_TEMPLATE.format(text=t) for t in estimator_task]
+    canaries = [r["prompt"] for r in builtin_harmful[args.align_harmful:]][: args.canaries]
 
     config = {k: v for k, v in vars(args).items() if k not in ("out_dir", "quick", "data", "seeds", "attacks", "methods")}
     run_key = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:12]
@@ -545,18 +554,38 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                 lora=lora, max_length=args.max_length, batch_size=8, seed=seed,
                                 normalization=args.normalization)
 
+    def drift_controller(budget: float | None) -> SafetyDriftController:
+        return SafetyDriftController(canaries, every_n_steps=args.drift_every, budget=budget, step=0.3,
+                                     max_floor=0.9, recover=0.5, max_tokens=16)
+
+    def calibration_cell() -> dict[str, Any]:
+        """The defender's clean run: the task rows alone, probe-adaptive, drift monitored (no control)."""
+        monitor = drift_controller(None)
+        result = finetune(str(reference), task, method("adaptive_probe"), settings("harmful_mix", args.seeds[0]),
+                          probe=probe, callbacks=[monitor])
+        drifts = [h["drift"] for h in monitor.history]
+        return {"history": monitor.history, "max_drift": max(drifts), "train_seconds": result.seconds}
+
+    calibration = cached("drift_calibration", calibration_cell) if any(m.endswith("_drift") for m in args.methods) else None
+    budget = None if calibration is None else max(args.drift_margin * calibration["max_drift"], 0.01)
+    if calibration is not None:
+        log(f"drift on the clean task run: max {calibration['max_drift']:.4f} nats/token -> budget {budget:.4f}")
+
     def run_cell(attack_name: str, name: str, seed: int) -> dict[str, Any]:
         attack = attacks[attack_name] if seed == args.seeds[0] else build(attack_name, seed)
-        chosen = method(name, args.beta if name == "constant_kl" else None)
-        log(f"{attack_name} / {chosen.label} / seed {seed}: {len(attack.rows)} rows ({attack.attack_rows} the attacker's)")
+        base = name.removesuffix("_drift")
+        chosen = method(base, args.beta if name == "constant_kl" else None)
+        controllers = [drift_controller(budget)] if name.endswith("_drift") else []
+        log(f"{attack_name} / {name} / seed {seed}: {len(attack.rows)} rows ({attack.attack_rows} the attacker's)")
         result = finetune(str(reference), attack.rows, chosen, settings(attack_name, seed), probe=probe,
-                          judge=pair_judge if name == "adaptive_judge_pair" else judge)
+                          judge=pair_judge if name == "adaptive_judge_pair" else judge, callbacks=controllers)
         rates, by_condition, seconds = evaluate(result.model, result.tokenizer, [attack_name])
         cell = {"attack": attack_name, "method": name, "seed": seed, "beta": chosen.beta, "rates": rates,
                 "conditions": by_condition, "train_seconds": result.seconds, "steps": result.steps,
                 "eval_seconds": seconds, "rows": len(attack.rows), "attack_rows": attack.attack_rows,
                 "estimator": estimator_rates(result.risk, attack.rows, flag="is_attack") if result.risk else None,
-                "risk_failures": result.failures}
+                "risk_failures": result.failures,
+                "drift": controllers[0].history if controllers else None}
         log(f"  ASR {json.dumps({k: round(v['rate'], 3) for k, v in by_condition.items()})}, over-refusal "
             f"{pct(rate(cell, 'safety/over_refusal'))}%, SST-2 {pct(rate(cell, 'utility/sst2'))}% "
             f"(train {result.seconds:.0f} s, eval {seconds:.0f} s)")
@@ -574,6 +603,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                "conditions": conditions[name],
                                "details": {k: v for k, v in a.details.items()}} for name, a in attacks.items()},
             "estimators": estimators,
+            "drift": {"calibration": calibration, "budget": budget, "canaries": len(canaries),
+                      "every_n_steps": args.drift_every, "margin": args.drift_margin},
             "setup": {
                 "quick": args.quick, "model": args.model, "seeds": args.seeds, "split_seed": args.split_seed,
                 "held_out": args.held_out, "beta": args.beta, "epochs_full": args.epochs_full,

@@ -8,7 +8,7 @@ from collections import Counter
 import pytest
 import torch
 
-from lightning_safety.demo_data import DEMO_SETS, load_demo_prompts, load_demo_rows
+from lightning_safety.demo_data import DEMO_SETS, load_demo_prompts, load_demo_rows, load_topic_pairs
 from lightning_safety.errors import DataError
 from lightning_safety.experiments import (
     FinetuneSettings,
@@ -40,8 +40,16 @@ def rows(prompts, response, harmful):
 def test_builtin_sets_are_disjoint_and_sized():
     sizes = {name: len(load_demo_rows(name)) for name in DEMO_SETS}
     assert sizes == {"harmful": 120, "benign": 120, "borderline": 96, "sentiment": 240}
+    pairs = load_topic_pairs()
     texts = [p.lower() for name in DEMO_SETS for p in load_demo_prompts(name)]
+    texts += [row[side].lower() for row in pairs for side in ("harmful", "benign")]
     assert len(texts) == len(set(texts))
+    # Topic pairs: 20 per harm category, the categories of the harmful set, requests only.
+    assert Counter(row["category"] for row in pairs) == {c: 20 for c in {r["category"] for r in load_demo_rows("harmful")}}
+    assert all(set(row) == {"topic", "category", "harmful", "benign", "kind"} for row in pairs)
+    assert {row["category"] for row in load_topic_pairs(["fraud", "hate"])} == {"fraud", "hate"}
+    with pytest.raises(DataError, match="holds pairs"):
+        load_demo_prompts("topic_pairs")
     assert Counter(r["label"] for r in load_demo_rows("sentiment")) == {0: 120, 1: 120}
     # Harmful requests carry no answers: only the prompt and its category.
     assert all(set(r) == {"prompt", "category"} for r in load_demo_rows("harmful"))

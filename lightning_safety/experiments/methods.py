@@ -181,6 +181,7 @@ def finetune(
     *,
     probe: Any = None,
     judge: Any = None,
+    callbacks: Sequence[Any] = (),
     progress: bool = False,
 ) -> FinetuneResult:
     """LoRA fine-tune the safe ``model`` on ``rows`` with ``method_``; the reference is ``model`` itself.
@@ -194,6 +195,8 @@ def finetune(
         settings: sizes (:class:`FinetuneSettings`).
         probe: an :class:`~lightning_safety.risk.ActivationProbe` of ``model`` (``adaptive_probe``/``max``).
         judge: a :class:`~lightning_safety.risk.judges.Judge` (``adaptive_judge``/``judge_pair``/``max``).
+        callbacks: more Lightning callbacks for the run (e.g. a
+            :class:`~lightning_safety.callbacks.SafetyDriftController`: defence in depth).
         progress: Lightning's progress bar.
     """
     import lightning as L
@@ -212,7 +215,7 @@ def finetune(
     schedule = (ConstantBeta(float(method_.beta)) if estimator is None
                 else LinearRiskSchedule(beta_min=settings.beta_min, beta_max=settings.beta_max))
     tokenizer = load_tokenizer(str(model))
-    callbacks = [RiskCallback(estimator, log_stats=False)] if estimator is not None else []
+    risk_callbacks = [RiskCallback(estimator, log_stats=False)] if estimator is not None else []
     with torch.random.fork_rng(devices=[]), quiet_training(not progress):
         torch.manual_seed(settings.seed)
         fields = FieldMap(system="system") if any(row.get("system") for row in rows) else FieldMap()
@@ -231,16 +234,16 @@ def finetune(
                 accelerator="cpu", devices=1, max_epochs=settings.epochs, logger=False,
                 enable_checkpointing=False, enable_progress_bar=progress, enable_model_summary=False,
                 num_sanity_val_steps=0, log_every_n_steps=1, gradient_clip_val=1.0, default_root_dir=root,
-                callbacks=callbacks,
+                callbacks=[*risk_callbacks, *callbacks],
             )
             started = time.perf_counter()
             trainer.fit(module, datamodule=data)
             seconds = time.perf_counter() - started
     risk: dict[str, float] = {}
     failures = 0
-    if callbacks and callbacks[0].cache is not None:
+    if risk_callbacks and risk_callbacks[0].cache is not None:
         ids = [str(row["id"]) for row in rows]
-        scores, _ = callbacks[0].cache.lookup(ids)
+        scores, _ = risk_callbacks[0].cache.lookup(ids)
         risk = {i: float(s) for i, s in zip(ids, scores.tolist()) if s == s}  # NaN: never scored
         failures = int(getattr(estimator, "failures", 0))
     policy = module.policy.merge_and_unload()
