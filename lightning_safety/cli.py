@@ -33,6 +33,21 @@ class SafetyCLI(LightningCLI):
     names its model once.
     """
 
+    def add_core_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        """As Lightning's, but the model's and the data's arguments take no sub-config files.
+
+        With sub-configs on (Lightning's default), a string given to a parameter whose type
+        includes a class (``data.train: str | list[dict] | DataSource``, ``model.model: str |
+        nn.Module``) is read as the path of a config file for that class: jsonargparse loads the
+        file, and a CSV, TSV or Git LFS pointer parses as one YAML string that then replaces the
+        path (``--data.train train.csv`` became the file's text). Paths must stay paths; nested
+        values are still given inline or in the ``--config`` recipe.
+        """
+        parser.add_lightning_class_args(self.trainer_class, "trainer")
+        parser.set_defaults({"trainer." + k: v for k, v in self.trainer_defaults.items() if k != "callbacks"})
+        for cls, key in ((self._model_class, "model"), (self._datamodule_class, "data")):
+            parser.add_class_arguments(cls, key, fail_untyped=False, instantiate=True, sub_configs=False)
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("model.model", "data.tokenizer")
 

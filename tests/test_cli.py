@@ -140,3 +140,58 @@ def test_ddp_recipe_runs_two_processes_from_the_console(tmp_path):
     built = cache / "tiny-random-llama-seed0"
     assert (built / "config.json").is_file() and (built / "model.safetensors").is_file()
     assert "Initializing distributed: GLOBAL_RANK: 1, MEMBER: 2/2" in result.stderr + result.stdout
+
+
+def _tiny_rows() -> list[dict]:
+    import json
+
+    return [json.loads(line) for line in (REPO_ROOT / "configs" / "data" / "tiny_chat.jsonl").read_text().splitlines()]
+
+
+def _write_table(rows: list[dict], path: Path) -> Path:
+    """The tiny chat rows (prompt, response, risk) as CSV, TSV, parquet or JSON, by the path's suffix."""
+    import pandas as pd
+
+    frame = pd.DataFrame([{"prompt": r["prompt"], "response": r["response"], "risk": r["risk"]} for r in rows])
+    if path.suffix == ".csv":
+        frame.to_csv(path, index=False)
+    elif path.suffix == ".tsv":  # TSV has no quoting: a cell holds no tab and no newline
+        lines = ["prompt\tresponse\trisk"] + [
+            f"{r['prompt']}\t{r['response'].replace(chr(10), ' ')}\t{r['risk']}" for r in rows]
+        path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    elif path.suffix == ".parquet":
+        frame.to_parquet(path, index=False)
+    else:
+        frame.to_json(path, orient="records")
+    return path
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".tsv", ".parquet", ".json"])
+@pytest.mark.parametrize("where", ["command line", "yaml"])
+def test_table_files_train_from_the_command_line_and_from_yaml(suffix, where, tmp_path):
+    """A path to a CSV/TSV/parquet/JSON file stays a path (it used to be replaced by the file's text)."""
+    data = _write_table(_tiny_rows(), tmp_path / f"train{suffix}")
+    args = ["fit", "--config", str(REPO_ROOT / "configs" / "tiny.yaml"), "--trainer.max_steps", "1",
+            "--trainer.default_root_dir", str(tmp_path / "run")]
+    if where == "yaml":
+        recipe = tmp_path / "recipe.yaml"
+        recipe.write_text(yaml.safe_dump({"data": {"train": str(data)}}))
+        args += ["--config", str(recipe)]
+    else:
+        args += ["--data.train", str(data)]
+    cli = run_cli(args)
+    assert cli.datamodule.train_source == str(data)
+    assert cli.trainer.global_step == 1
+    assert len(cli.datamodule.train_records) == 18  # 24 rows less the 25% validation split
+
+
+def test_model_path_to_a_non_model_file_stays_a_path(tmp_path, capsys):
+    """A Git LFS pointer given as a .gguf model is named by its path in the error, not by its text."""
+    pointer = tmp_path / "model.gguf"
+    pointer.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:abc\nsize 12\n")
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(["fit", "--config", str(REPO_ROOT / "configs" / "tiny.yaml"), "--model.model", str(pointer),
+                 "--trainer.default_root_dir", str(tmp_path / "run")])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert "git-lfs" not in error.split(str(pointer))[0] and str(pointer) in error
