@@ -193,8 +193,10 @@ def test_truncation_keeps_the_prompt_and_cuts_the_response_end(tok):
         ({"messages": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": ""}]},
          ["row 3", "no response", "assistant"]),
         ({"question": "Q", "answer": "A"}, ["row 3", "data.fields", "question"]),
+        ({"messages": [{"role": "robot", "content": "Q"}, {"role": "assistant", "content": "A"}]},
+         ["row 3", "role 'robot'", "system, user, assistant"]),
     ],
-    ids=["empty", "none-with-id", "missing", "alpaca", "messages", "unknown-fields"],
+    ids=["empty", "none-with-id", "missing", "alpaca", "messages", "unknown-fields", "unknown-role"],
 )
 def test_row_without_response_is_a_one_line_error(row, words):
     with pytest.raises(DataError) as error:
@@ -478,6 +480,16 @@ def test_datamodule_end_to_end(tok, tmp_path):
     assert sum(len(b["id"]) for b in val_batches) == 5
     assert isinstance(data.train_dataloader(), ResumableDataLoader)
     assert ChatSFTDataModule(train=rows(4), tokenizer=tok).val_dataloader() == []
+
+
+def test_empty_training_file_is_named_in_the_error(tok, tmp_path):
+    empty = tmp_path / "train.jsonl"
+    empty.write_text("")
+    with pytest.raises(DataError) as error:
+        ChatSFTDataModule(train=str(empty), tokenizer=tok).train_dataloader()
+    one_line(error, str(empty), "holds no rows")
+    with pytest.raises(DataError, match="no training data: set data.train"):
+        ChatSFTDataModule(tokenizer=tok).train_dataloader()
 
 
 def test_datamodule_attack_mix_with_a_source_of_its_own_fields(tok, tmp_path):

@@ -250,6 +250,11 @@ class ChatSFTDataModule(LightningDataModule):
         """Shuffled (seed, epoch), sharded, mid-epoch resumable loader over the training data."""
         self.setup()
         if self.train_dataset is None:
+            if self.train_source is not None:
+                where = self.train_source.path if isinstance(self.train_source, DataSource) else self.train_source
+                where = f"{len(where)} rows given" if isinstance(where, list) else str(where)
+                raise DataError(f"data.train ({where}) holds no rows: give a file or list with at least one "
+                                "prompt/response row")
             raise DataError("no training data: set data.train (a file, a hub dataset name or a list of rows)")
         replicas, rank = self._world()
         return build_train_loader(

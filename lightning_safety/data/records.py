@@ -84,6 +84,8 @@ class InvalidRiskError(DataError, RiskError):
     """A risk value in the data is not a finite number in [0, 1] (both a data and a risk error)."""
 
 
+CHAT_ROLES = ("system", "user", "assistant", "tool")
+"""Roles a chat message may have (what chat templates render)."""
 _SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 _TRUE = {"true", "1", "yes", "y", "t"}
 _FALSE = {"false", "0", "no", "n", "f"}
@@ -171,6 +173,10 @@ def _parse_messages(value: Any, index: int, row_id: str | None, key: str) -> lis
             raise DataError(
                 f"{where}: message {position} of field '{key}' needs a string role and string content; "
                 "flatten multi-part content to text"
+            )
+        if role not in CHAT_ROLES:
+            raise DataError(
+                f"{where}: message {position} of field '{key}' has role {role!r}; use one of {', '.join(CHAT_ROLES)}"
             )
         messages.append({"role": role, "content": content})
     return messages

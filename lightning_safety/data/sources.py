@@ -70,6 +70,8 @@ def _load_file(path: Path) -> list[dict[str, Any]]:
         raise DataError(
             f"unsupported data file type '{suffix or path.name}' ({path}); use .jsonl, .json, .csv, .tsv or .parquet"
         )
+    if suffix in (".jsonl", ".json", ".csv", ".tsv") and not path.read_bytes().strip():
+        return []  # datasets fails on an empty text file with a bare StopIteration; the caller names it
     # TSV has no quoting convention: a '"' inside a cell is text (e.g. SST-2), so turn CSV quoting off.
     options: dict[str, Any] = {"delimiter": "\t", "quoting": csv.QUOTE_NONE} if suffix == ".tsv" else {}
     with tempfile.TemporaryDirectory(prefix="lightning_safety_data_") as cache_dir:
