@@ -18,12 +18,38 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+import lightning as L
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
 from lightning_safety.commands import is_command, run_command
 from lightning_safety.data import ChatSFTDataModule
 from lightning_safety.errors import LightningSafetyError
 from lightning_safety.module import SafeFineTuning
+
+
+class SaveConfigOnStart(SaveConfigCallback):
+    """Lightning's config saving, deferred from ``setup`` to the moment training (or validation) starts.
+
+    A run refused while it is being set up (a probe for another model, a bad checkpoint, a
+    configuration error found in ``configure_model`` or ``on_fit_start``) then leaves no
+    ``config.yaml`` behind that describes a run which never happened.
+    """
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._stage = stage
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().setup(trainer, pl_module, getattr(self, "_stage", "fit"))
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.sanity_checking and trainer.state.fn != "fit":
+            super().setup(trainer, pl_module, getattr(self, "_stage", "validate"))
+
+    def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().setup(trainer, pl_module, getattr(self, "_stage", "test"))
+
+    def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().setup(trainer, pl_module, getattr(self, "_stage", "predict"))
 
 
 class SafetyCLI(LightningCLI):
@@ -83,6 +109,7 @@ def run_cli(args: Sequence[str] | None = None) -> SafetyCLI | Any:
             ChatSFTDataModule,
             args=argv,
             parser_kwargs={"description": "Fine-tune chat LLMs while keeping them safe (adaptive KL)."},
+            save_config_callback=SaveConfigOnStart,
             save_config_kwargs={"overwrite": True},
         )
     except Exception as error:

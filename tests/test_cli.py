@@ -195,3 +195,14 @@ def test_model_path_to_a_non_model_file_stays_a_path(tmp_path, capsys):
     assert exit_info.value.code == 2
     error = capsys.readouterr().err
     assert "git-lfs" not in error.split(str(pointer))[0] and str(pointer) in error
+
+
+def test_a_refused_run_leaves_no_config_and_a_run_that_starts_writes_one(tmp_path, capsys):
+    refused, started = tmp_path / "refused", tmp_path / "started"
+    base = ["fit", "--config", str(REPO_ROOT / "configs" / "tiny.yaml"), "--trainer.max_steps", "1"]
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli([*base, "--trainer.default_root_dir", str(refused), "--trainer.callbacks+=faults.FailOnFitStart"])
+    assert exit_info.value.code == 2 and "injected refusal" in capsys.readouterr().err
+    assert not refused.exists() or list(refused.rglob("config.yaml")) == []
+    run_cli([*base, "--trainer.default_root_dir", str(started)])
+    assert [p.name for p in started.rglob("config.yaml")] == ["config.yaml"]
