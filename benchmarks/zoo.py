@@ -381,6 +381,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--attack-max-new-tokens", type=int, default=96)
     parser.add_argument("--generation-batch-size", type=int, default=32)
     parser.add_argument("--out-dir", type=Path, default=None, help=f"outputs (default {DEFAULT_OUT})")
+    parser.add_argument("--reuse", type=Path, default=None,
+                        help="an earlier zoo.json: its cells count as done when its run key equals this run's "
+                             "(e.g. the committed results, to add seeds or defences without rerunning the grid)")
     parser.add_argument("--quick", action="store_true", help="tiny sets, one seed: a smoke test")
     args = parser.parse_args(argv)
     if args.quick:
@@ -430,6 +433,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     work = cache_root() / "zoo" / run_key
     (work / "cells").mkdir(parents=True, exist_ok=True)
     log(f"work folder {work}")
+    if args.reuse is not None:
+        earlier = json.loads(args.reuse.read_text())
+        if earlier.get("run_key") != run_key:
+            fail(f"{args.reuse} was made with other settings (run key {earlier.get('run_key')}, this run {run_key}): "
+                 "give the same sizes and seeds of the split")
+        done = {"aligned": earlier["aligned"], **{f"{c['attack']}_{c['method']}_{c['seed']}": c for c in earlier["cells"]}}
+        if earlier.get("drift", {}).get("calibration"):
+            done["drift_calibration"] = earlier["drift"]["calibration"]
+        for name, cell in done.items():
+            path = work / "cells" / f"{name}.json"
+            if not path.is_file():
+                atomic_write_text(path, json.dumps(cell, indent=1) + "\n")
+        log(f"reused {len(done)} cells of {args.reuse}")
 
     # 1. The aligned reference.
     lora = LoraSettings(r=16, alpha=32, dropout=0.05, target_modules="all-linear")
@@ -598,6 +614,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     def write_outputs() -> None:
         results.update({
             "command": "python benchmarks/zoo.py" + "".join(f" {shlex.quote(a)}" for a in (argv or sys.argv[1:])),
+            "run_key": run_key,
             "aligned": aligned, "cells": cells, "conditions": conditions,
             "attacks": {name: {"description": a.description, "rows": len(a.rows), "attack_rows": a.attack_rows,
                                "conditions": conditions[name],

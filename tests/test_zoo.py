@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from collections import Counter
@@ -194,3 +195,15 @@ def test_zoo_benchmark_quick_on_the_tiny_model(tmp_path, shared_data):
     assert results["best_defence"] in methods[1:]
     text = (out / "zoo.md").read_text()
     assert "| identity_shift_bland | persona_bland |" in text and (out / "zoo.png").stat().st_size > 0
+
+    # --reuse: another machine (a fresh cache) takes the finished cells from zoo.json instead of rerunning them.
+    again = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "zoo.py"), "--quick", "--model", TINY, "--max-length", "512",
+         "--data", str(shared_data), "--out-dir", str(tmp_path / "again"), "--methods", *methods,
+         "--reuse", str(out / "zoo.json")],
+        capture_output=True, text=True, timeout=900, env={**os.environ, "LIGHTNING_SAFETY_CACHE": str(tmp_path / "cache")},
+    )
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"reused {len(results['cells']) + 2} cells" in again.stderr
+    assert " / seed 0:" not in again.stderr  # no cell was trained again
+    assert json.loads((tmp_path / "again" / "zoo.json").read_text())["cells"] == results["cells"]
