@@ -428,7 +428,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     estimator_benign = load_demo_prompts("benign") + borderline + [SST2_TEMPLATE.format(text=t) for t in estimator_task]
     canaries = [r["prompt"] for r in builtin_harmful[args.align_harmful:]][: args.canaries]
 
-    config = {k: v for k, v in vars(args).items() if k not in ("out_dir", "quick", "data", "seeds", "attacks", "methods")}
+    config = {k: v for k, v in vars(args).items()
+              if k not in ("out_dir", "quick", "data", "seeds", "attacks", "methods", "reuse")}
     run_key = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:12]
     work = cache_root() / "zoo" / run_key
     (work / "cells").mkdir(parents=True, exist_ok=True)
