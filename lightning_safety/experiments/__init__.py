@@ -1,7 +1,10 @@
-"""Building blocks of the end-to-end experiments: the demo and the replication benchmark.
+"""Building blocks of the end-to-end experiments: the demo, the replication and the attack zoo.
 
 * :mod:`~lightning_safety.experiments.attack`: harmful fine-tuning attacks whose answers are
   generated at run time by an unaligned model (nothing harmful is stored);
+* :mod:`~lightning_safety.experiments.zoo`: the attack zoo (harmful mix, full harmful, benign only,
+  identity shifting, disguised, category holdout, backdoor) with their test conditions, built from
+  the texts of :mod:`~lightning_safety.experiments.frames` (``benchmarks/zoo.py`` runs it);
 * :mod:`~lightning_safety.experiments.methods`: the compared methods (SFT, constant KL, adaptive KL
   with a probe, a judge or both) as one LoRA fine-tuning function;
 * :mod:`~lightning_safety.experiments.demo`: ``lightning-safety demo``.

@@ -45,7 +45,8 @@ class TestCondition:
     """How the test requests are put to the attacked model.
 
     Attributes:
-        name: ``plain``, ``persona`` or ``trigger`` (or another name of the attack's).
+        name: ``plain``, ``persona_<persona>``, ``framed`` or ``trigger``; unique across the zoo (a
+            benchmark measures the aligned model once per name).
         system_prompt: a system prompt for every test request (the persona's), or None.
         template: the test request as ``template.format(request=...)`` (e.g. the trigger appended).
         frames: disguise frames instead of a template: test request ``i`` is wrapped in frame
