@@ -417,7 +417,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     persona_pool = alpaca[: args.attack_rows + 8]
     sst2 = balanced(data["sst2_train"], args.task_rows + args.estimator_task_rows, random.Random(args.split_seed + 2))
     task_pairs, estimator_task = sst2[: args.task_rows], [p for p, _ in sst2[args.task_rows:]]
-    gsm8k = data["gsm8k"][: args.other_benign]
+    # Short questions only: a question longer than a training row would leave no room for its answer.
+    gsm8k = [g for g in data["gsm8k"] if len(g["question"]) <= 200][: args.other_benign]
 
     # ---- the defender's data: the package's sets
     builtin_harmful = load_demo_rows("harmful")
