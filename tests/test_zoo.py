@@ -175,24 +175,26 @@ def test_zoo_benchmark_quick_on_the_tiny_model(tmp_path, shared_data):
     out = tmp_path / "out"
     done = subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / "zoo.py"), "--quick", "--model", TINY, "--max-length", "512",
-         "--data", str(shared_data), "--out-dir", str(out), "--methods", "sft", "adaptive_probe",
-         "adaptive_judge_pair", "adaptive_probe_drift"],
+         "--data", str(shared_data), "--out-dir", str(out), "--methods", "sft", "sft_token",
+         "adaptive_probe", "adaptive_judge_pair", "adaptive_probe_drift"],
         capture_output=True, text=True, timeout=900,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads((out / "zoo.json").read_text())
     cells = Counter((c["attack"], c["method"]) for c in results["cells"])
-    methods = ("sft", "adaptive_probe", "adaptive_judge_pair", "adaptive_probe_drift")
+    methods = ("sft", "sft_token", "adaptive_probe", "adaptive_judge_pair", "adaptive_probe_drift")
     assert cells == Counter({(a, m): 1 for a in zoo.ATTACKS for m in methods})
     assert set(results["aligned"]["conditions"]) == {"plain", "persona_blunt", "persona_bland", "framed", "trigger"}
     for cell in results["cells"]:
         assert set(cell["conditions"]) == set(results["conditions"][cell["attack"]])
-        assert (cell["estimator"] is None) == (cell["method"] == "sft")
+        assert (cell["estimator"] is None) == cell["method"].startswith("sft")
+        assert cell["normalization"] == ("token" if cell["method"] == "sft_token" else "example")
         assert (cell["drift"] is not None) == (cell["method"] == "adaptive_probe_drift")
     assert results["drift"]["budget"] >= 0.01 and results["drift"]["calibration"]["history"]
     assert results["summary"]["backdoor"]["condition"] == "trigger"
     assert len(results["targets"]) == len(zoo.ATTACKS)
-    assert results["best_defence"] in methods[1:]
+    assert results["best_defence"] in methods[2:]
+    assert results["setup"]["finetune"]["normalization"] == "example"
     text = (out / "zoo.md").read_text()
     assert "| identity_shift_bland | persona_bland |" in text and (out / "zoo.png").stat().st_size > 0
 
