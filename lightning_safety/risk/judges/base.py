@@ -78,7 +78,7 @@ class Judge(ABC):
     """Base class of harm judges. Subclasses implement :meth:`_score_batch`.
 
     Attributes:
-        batch_size: rows per ``_score_batch`` call.
+        batch_size: rows per ``_score_batch`` call (``HTTPJudge``: requests in flight at once).
         tokenizer: the judge's tokenizer (None for remote judges); its control tokens are
             neutralised in the example text.
         calls: examples scored so far (every row of every :meth:`score` call, failed or not).
@@ -130,8 +130,9 @@ class Judge(ABC):
             return len(prompts[i]) + (len(responses[i]) if responses is not None else 0)
 
         order = sorted(range(count), key=length, reverse=True)  # longest first: memory errors show early
-        for start in range(0, count, self.batch_size):
-            rows = order[start : start + self.batch_size]
+        step = self._batch_rows()
+        for start in range(0, count, step):
+            rows = order[start : start + step]
             batch_responses = None if responses is None else [responses[i] for i in rows]
             self._run_batch(rows, [prompts[i] for i in rows], batch_responses, scores, failed, raw)
         self.calls += count
@@ -145,6 +146,12 @@ class Judge(ABC):
 
         Receives sanitised text. May raise: the whole batch then fails closed.
         """
+
+    def _batch_rows(self) -> int:
+        """Rows per :meth:`_score_batch` call: ``batch_size``. A backend that bounds its own
+        concurrency (``HTTPJudge``) takes the whole call, so a slow row holds up one worker, not a
+        batch."""
+        return self.batch_size
 
     def _check_ready(self) -> None:
         """Raise :class:`JudgeError` if the judge cannot score yet (override where needed)."""
