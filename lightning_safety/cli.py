@@ -15,7 +15,9 @@ Errors caused by configuration or data print as one line (``error: ...``) and ex
 from __future__ import annotations
 
 import sys
+import traceback
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -23,8 +25,12 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveCon
 
 from lightning_safety.commands import is_command, run_command
 from lightning_safety.data import ChatSFTDataModule
-from lightning_safety.errors import LightningSafetyError
+from lightning_safety.errors import DataError, LightningSafetyError
 from lightning_safety.module import SafeFineTuning
+
+
+# Values of --ckpt_path that Lightning resolves itself (not paths).
+_LIGHTNING_CKPT_ALIASES = ("last", "best", "hpc")
 
 
 class SaveConfigOnStart(SaveConfigCallback):
@@ -77,6 +83,18 @@ class SafetyCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("model.model", "data.tokenizer")
 
+    def _parse_ckpt_path(self) -> None:
+        """Refuse a missing, truncated or foreign ``--ckpt_path`` in one line, then let Lightning read the
+        checkpoint's hyperparameters (it would fail on such a file with the unpickler's traceback)."""
+        from lightning_safety.evaluation.loading import check_checkpoint
+
+        subcommand = self.config.get("subcommand")
+        path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if path is not None and str(path) not in _LIGHTNING_CKPT_ALIASES and "://" not in str(path) \
+                and not str(path).startswith("registry"):
+            check_checkpoint(path)
+        super()._parse_ckpt_path()
+
 
 def main(args: Sequence[str] | None = None) -> None:
     """Console entry point (``lightning-safety``)."""
@@ -102,12 +120,13 @@ def run_cli(args: Sequence[str] | None = None) -> SafetyCLI | Any:
     """
     argv = list(sys.argv[1:] if args is None else args)
     try:
+        check_recipes(argv)
         if is_command(argv):
             return run_command(argv)
         return SafetyCLI(
             SafeFineTuning,
             ChatSFTDataModule,
-            args=argv,
+            args=None if args is None else argv,  # None: Lightning reads sys.argv itself, without a warning
             parser_kwargs={"description": "Fine-tune chat LLMs while keeping them safe (adaptive KL)."},
             save_config_callback=SaveConfigOnStart,
             save_config_kwargs={"overwrite": True},
@@ -120,15 +139,62 @@ def run_cli(args: Sequence[str] | None = None) -> SafetyCLI | Any:
         raise SystemExit(2) from None
 
 
+def check_recipes(argv: Sequence[str]) -> None:
+    """Refuse a ``--config`` recipe that is missing or not valid YAML, naming the file and the line."""
+    import yaml
+
+    for index, arg in enumerate(argv):
+        if arg == "--config" and index + 1 < len(argv):
+            value = argv[index + 1]
+        elif arg.startswith("--config="):
+            value = arg.split("=", 1)[1]
+        else:
+            continue
+        path = Path(value)
+        if not path.is_file():
+            if path.suffix.lower() in (".yaml", ".yml", ".json"):
+                raise DataError(f"recipe {path} not found: check the path (relative paths start at {Path.cwd()})")
+            continue  # jsonargparse also takes a recipe given inline as YAML text
+        try:
+            yaml.safe_load(path.read_text(encoding="utf-8"))
+        except (yaml.YAMLError, UnicodeDecodeError) as error:
+            mark = getattr(error, "problem_mark", None)
+            where = f" at line {mark.line + 1}" if mark is not None else ""
+            problem = getattr(error, "problem", None) or type(error).__name__
+            raise DataError(f"recipe {path} is not valid YAML ({problem}{where}): fix the file") from None
+
+
 def _find_our_error(error: BaseException | None) -> LightningSafetyError | None:
-    """Our error itself, or the one a library (e.g. jsonargparse instantiating a class) wrapped."""
+    """Our error itself, the one a library (e.g. jsonargparse instantiating a class) wrapped, or a
+    configuration error Lightning or a torch optimizer raised (their messages already say what is wrong)."""
     seen = set()
     while error is not None and id(error) not in seen:
         if isinstance(error, LightningSafetyError):
             return error
+        if _is_configuration_error(error):
+            return LightningSafetyError(f"{error} (check the trainer and optimizer settings)")
         seen.add(id(error))
         error = error.__cause__ or error.__context__
     return None
+
+
+def _is_configuration_error(error: BaseException) -> bool:
+    """Lightning's MisconfigurationException, or a ValueError raised inside Lightning's trainer or a torch
+    optimizer's constructor: both check user settings (devices, val_check_interval, lr, ...)."""
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    if isinstance(error, MisconfigurationException):
+        return True
+    if type(error) is not ValueError or error.__traceback__ is None:
+        return False
+    frames = traceback.extract_tb(error.__traceback__)
+    origin = Path(frames[-1].filename).as_posix()
+    return any(part in origin for part in _CONFIG_CHECKING_CODE)
+
+
+# Where a plain ValueError is a verdict on the user's settings, not a bug.
+_CONFIG_CHECKING_CODE = ("/lightning/pytorch/trainer/", "/lightning/pytorch/loops/", "/lightning/fabric/connector",
+                         "/torch/optim/")
 
 
 if __name__ == "__main__":

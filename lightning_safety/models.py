@@ -27,6 +27,7 @@ import copy
 import importlib.util
 import inspect
 import re
+import struct
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -165,6 +166,7 @@ def resolve_model_source(name_or_path: str) -> ModelSource:
                 f"model path {name} is a file but not a .gguf: pass a model folder "
                 "(with config.json), a .gguf file, or a hub id"
             )
+        check_gguf_header(path)
         return ModelSource(str(path.parent), gguf_file=path.name, name=name)
     if path.is_dir():
         if (path / "config.json").exists() or (path / "adapter_config.json").exists():
@@ -183,6 +185,42 @@ def resolve_model_source(name_or_path: str) -> ModelSource:
             f"folder, a .gguf file, '{SMOLLM2_ALIAS}', '{TINY_MODEL_ALIAS}', or a hub id"
         )
     return ModelSource(name, local=False, name=name)
+
+
+def check_gguf_header(path: Path) -> None:
+    """Refuse, in one line, a ``.gguf`` that is a Git LFS pointer, not GGUF, or cut short in its header.
+
+    The header is the magic ``GGUF``, a uint32 version and two uint64 counts (tensors, metadata
+    entries); a reader that trusts an absurd count reads past the end of the file.
+    """
+    size = path.stat().st_size
+    with path.open("rb") as handle:
+        head = handle.read(24)
+    if head.startswith(b"version https://git-lfs"):
+        raise ModelLoadError(f"{path} is a Git LFS pointer, not the model file: fetch it (git lfs pull) or download it")
+    if not head.startswith(b"GGUF"):
+        raise ModelLoadError(f"{path} does not start with the GGUF magic bytes, so it is not a GGUF file: download it again")
+    if len(head) < 24:
+        raise ModelLoadError(f"GGUF file {path} is truncated ({size} bytes, shorter than its header): download it again")
+    _, tensors, entries = struct.unpack("<IQQ", head[4:24])
+    # Every tensor and metadata entry takes at least 8 bytes of the file (its name's length).
+    if (tensors + entries) * 8 > size:
+        raise ModelLoadError(
+            f"GGUF file {path} is truncated or corrupt (its header counts {tensors} tensors and {entries} entries "
+            f"in {size} bytes): download it again"
+        )
+
+
+def _load_error(source: ModelSource, what: str, error: Exception) -> ModelLoadError | None:
+    """Our one-line error for a failed ``from_pretrained`` (None: an error that is not the input's fault)."""
+    if source.gguf_file:  # a GGUF reader that ran off a corrupt or truncated file
+        reason = " ".join(str(error).split())[:120] or type(error).__name__
+        return ModelLoadError(
+            f"GGUF file {Path(source.folder) / str(source.gguf_file)} is truncated or corrupt ({reason}): download it again"
+        )
+    if isinstance(error, (OSError, ValueError)):
+        return _hub_error(source, what, error)
+    return None
 
 
 def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
@@ -229,8 +267,8 @@ def load_tokenizer(
             trust_remote_code=trust_remote_code,
             revision=revision,
         )
-    except (OSError, ValueError) as error:
-        raise _hub_error(source, "tokenizer", error) from error
+    except (struct.error, EOFError, IndexError, OSError, ValueError) as error:
+        raise _load_error(source, "tokenizer", error) or error
     if chat_template is not None:
         tokenizer.chat_template = chat_template
     if tokenizer.pad_token is None:
@@ -260,8 +298,8 @@ def load_causal_lm(
         kwargs["gguf_file"] = source.gguf_file
     try:
         model = AutoModelForCausalLM.from_pretrained(source.folder, **kwargs)
-    except (OSError, ValueError) as error:
-        raise _hub_error(source, "model", error) from error
+    except (struct.error, EOFError, IndexError, OSError, ValueError) as error:
+        raise _load_error(source, "model", error) or error
     return model
 
 

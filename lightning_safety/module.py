@@ -183,6 +183,7 @@ class SafeFineTuning(L.LightningModule):
         self._keep_logits_supported = False
         self._projection: Any = _UNCHECKED
         self._eval_stats: Tensor | None = None
+        self._start_fingerprint: str | None = None
 
     @staticmethod
     def _risk_estimator(risk: RiskEstimator | float | None) -> RiskEstimator:
@@ -206,6 +207,7 @@ class SafeFineTuning(L.LightningModule):
         if self.reference_strategy == "model_copy":
             # Copy before any adapter is attached: the reference is the starting model.
             reference = frozen_copy(policy)
+        self._start_fingerprint = _start_fingerprint(policy)
         if self.adapter is not None:
             policy = load_adapter(policy, self.adapter, trainable=True)
         elif self.lora is not None:
@@ -516,6 +518,10 @@ class SafeFineTuning(L.LightningModule):
             "schedule": self.schedule.state_dict(),
             "frozen_keys_omitted": len(frozen),
             "reference_strategy": self.reference_strategy,
+            # The model training started from: resuming on another one would put these weights (or this
+            # adapter) on top of a different base and reference, silently.
+            "start_model": self.hparams.get("model"),
+            "start_fingerprint": self._start_fingerprint,
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -526,5 +532,21 @@ class SafeFineTuning(L.LightningModule):
                 "this checkpoint was not written by SafeFineTuning (no 'lightning_safety' entry): "
                 "load it with the module that wrote it"
             )
+        recorded, current = extra.get("start_fingerprint"), self._start_fingerprint
+        if recorded and current and recorded != current:
+            raise LightningSafetyError(
+                f"this checkpoint was trained from model {extra.get('start_model')!r} (fingerprint {recorded[:12]}...), "
+                f"not from {self.hparams.get('model')!r} ({current[:12]}...): resume with the model it started from, "
+                "or start a new run without the checkpoint"
+            )
         self.schedule.load_state_dict(extra["schedule"])
         # Frozen weights were left out when saving: load_state_dict keeps them as loaded.
+
+
+def _start_fingerprint(model: nn.Module) -> str | None:
+    """The fingerprint of the model training starts from (None when its weights are not materialised yet)."""
+    from lightning_safety.risk.probe import model_fingerprint
+
+    if any(parameter.is_meta for parameter in model.parameters()):
+        return None
+    return model_fingerprint(model)

@@ -7,6 +7,7 @@ XSTest's ``{"label": "safe"}``) and an optional category column (per-category AS
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from lightning_safety.errors import DataError
 
@@ -15,7 +16,7 @@ _TEXT_FIELDS = ("prompt", "goal", "instruction", "question", "text", "sentence")
 
 @dataclass(frozen=True)
 class PromptSource:
-    """Prompts from a file (.jsonl/.json/.csv/.tsv/.parquet) or a ``datasets`` name.
+    """Prompts from a file (.jsonl/.json/.csv/.tsv/.parquet, or .txt with one prompt per line) or a ``datasets`` name.
 
     Args:
         path: file, folder or hub dataset name.
@@ -44,7 +45,10 @@ def load_prompt_rows(source: PromptSource | str) -> tuple[list[str], list[str] |
         source = PromptSource(source)
     if source.limit is not None and int(source.limit) < 1:
         raise DataError(f"limit={source.limit} for {source.path} is invalid: use a positive integer or leave it out")
-    rows = load_records(source.path, split=source.split, name=source.name)
+    if Path(source.path).suffix.lower() == ".txt" and Path(source.path).is_file():
+        rows = _text_lines(Path(source.path))
+    else:
+        rows = load_records(source.path, split=source.split, name=source.name)
     if source.where:
         rows = [row for row in rows if all(str(row.get(k)) == str(v) for k, v in source.where.items())]
     if not rows:
@@ -64,6 +68,15 @@ def load_prompt_rows(source: PromptSource | str) -> tuple[list[str], list[str] |
     if source.category_field is None:
         return prompts, None
     return prompts, [str(row.get(source.category_field)) for row in kept]
+
+
+def _text_lines(path: Path) -> list[dict[str, str]]:
+    """A ``.txt`` file read as one prompt per non-blank line (field ``prompt``)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise DataError(f"{path} is not UTF-8 text: save it as UTF-8 (one prompt per line)") from None
+    return [{"prompt": line.strip()} for line in text.splitlines() if line.strip()]
 
 
 def load_prompts(source: PromptSource | str) -> list[str]:

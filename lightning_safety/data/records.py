@@ -118,6 +118,11 @@ def _text(row: Mapping[str, Any], key: str | None) -> str:
     if not _present(row, key):
         return ""
     value = row[key]  # type: ignore[index]
+    if isinstance(value, (Mapping, list, tuple)):  # str() would train on a Python repr of it
+        raise DataError(
+            f"field '{key}' holds a {type(value).__name__}, not text: store plain text there "
+            "(or a list of role/content dicts in the messages field)"
+        )
     return value if isinstance(value, str) else str(value)
 
 
@@ -166,6 +171,10 @@ def _parse_messages(value: Any, index: int, row_id: str | None, key: str) -> lis
         else:
             raise DataError(
                 f"{where}: message {position} of field '{key}' has no 'role'; use {{'role': ..., 'content': ...}}"
+            )
+        if "content" not in item and "value" not in item:  # null content is a tool call's; no key is a typo
+            raise DataError(
+                f"{where}: message {position} of field '{key}' has no 'content'; use {{'role': ..., 'content': ...}}"
             )
         if content is None:
             content = ""

@@ -8,11 +8,14 @@ datasets use the normal ``datasets`` cache, so a download happens once.
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import json
+import logging
 import os
 import re
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -74,16 +77,49 @@ def _load_file(path: Path) -> list[dict[str, Any]]:
         return []  # datasets fails on an empty text file with a bare StopIteration; the caller names it
     # TSV has no quoting convention: a '"' inside a cell is text (e.g. SST-2), so turn CSV quoting off.
     options: dict[str, Any] = {"delimiter": "\t", "quoting": csv.QUOTE_NONE} if suffix == ".tsv" else {}
-    with tempfile.TemporaryDirectory(prefix="lightning_safety_data_") as cache_dir:
+    if suffix == ".jsonl":
+        _check_json_lines(path)  # datasets would say only "an error occurred while generating the dataset"
+    with tempfile.TemporaryDirectory(prefix="lightning_safety_data_") as cache_dir, _datasets_silenced():
         try:
             dataset = datasets.load_dataset(
                 builder, data_files=str(path), split="train", cache_dir=cache_dir, keep_in_memory=True, **options
             )
         except Exception as error:  # datasets raises many types for malformed files
-            raise DataError(
-                f"cannot read {path}: {_first_line(error)}; check that the file is valid {suffix[1:]}"
-            ) from error
+            reason = _first_line(error.__cause__ or error) if "generating the dataset" in str(error) else _first_line(error)
+            if "corresponds to no data" in reason:
+                raise DataError(f"data file {path} holds no rows (a header alone?): add rows") from None
+            raise DataError(f"cannot read {path}: {reason}; check that the file is valid {suffix[1:]}") from None
         return dataset.to_list()
+
+
+def _check_json_lines(path: Path) -> None:
+    """Refuse a JSON Lines file with a line that is not UTF-8 JSON, naming the first such line."""
+    with path.open("rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            if not raw.strip():
+                continue
+            try:
+                json.loads(raw.decode("utf-8"))
+            except (UnicodeDecodeError, ValueError) as error:
+                problem = "is not UTF-8 text" if isinstance(error, UnicodeDecodeError) else f"is not JSON ({error})"
+                raise DataError(f"line {number} of {path} {problem}: write one JSON object per line") from None
+
+
+@contextlib.contextmanager
+def _datasets_silenced() -> Iterator[None]:
+    """Hide datasets' own error log and progress bar while it reads a file: our error says it in one line."""
+    import datasets
+
+    logger = logging.getLogger("datasets")
+    level, bars = logger.level, datasets.utils.are_progress_bars_disabled()
+    logger.setLevel(logging.CRITICAL)
+    datasets.utils.disable_progress_bars()
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+        if not bars:
+            datasets.utils.enable_progress_bars()
 
 
 def _load_folder(path: Path, split: str, name: str | None) -> list[dict[str, Any]]:

@@ -44,6 +44,50 @@ def is_sharded_checkpoint(path: Path) -> bool:
     return path.is_dir() and (path / ".metadata").is_file()
 
 
+def load_checkpoint_file(path: Path, *, mmap: bool = False) -> dict[str, Any]:
+    """``torch.load`` of a checkpoint file (tensors only), with an unreadable file refused in one line.
+
+    A file cut short by a crash during its save, an empty file or a foreign pickle raise
+    :class:`ModelLoadError` instead of the unpickler's error.
+    """
+    import pickle
+
+    import torch
+
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except (RuntimeError, EOFError, pickle.UnpicklingError, ValueError, OSError) as error:
+        reason = " ".join(str(error).split())[:120] or type(error).__name__
+        raise ModelLoadError(
+            f"checkpoint {path} is unreadable (truncated, or not a PyTorch checkpoint: {reason}): "
+            "use the last complete checkpoint"
+        ) from None
+    if not isinstance(checkpoint, dict):
+        raise ModelLoadError(f"checkpoint {path} holds a {type(checkpoint).__name__}, not a checkpoint dict")
+    return checkpoint
+
+
+def check_checkpoint(path: str | Path) -> None:
+    """Refuse, in one line, a checkpoint path that SafeFineTuning cannot resume from (cheap: the file is
+    memory-mapped, tensors are not read)."""
+    path = Path(path)
+    if path.is_file():
+        checkpoint = load_checkpoint_file(path, mmap=True)
+        if "lightning_safety" not in checkpoint or "state_dict" not in checkpoint:
+            raise ModelLoadError(
+                f"{path} was not written by SafeFineTuning (no 'lightning_safety' entry): resume from a checkpoint "
+                "of this library, or start without --ckpt_path"
+            )
+    elif path.is_dir():
+        if not is_sharded_checkpoint(path):
+            raise ModelLoadError(
+                f"checkpoint folder {path} holds no sharded checkpoint (no .metadata file): give a .ckpt file or "
+                "the folder a sharded run wrote"
+            )
+    else:
+        raise ModelLoadError(f"checkpoint {path} not found: give a .ckpt file or a sharded checkpoint folder")
+
+
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
     """A SafeFineTuning checkpoint as one dict: a ``.ckpt`` file, or a sharded folder gathered in CPU memory.
 
@@ -53,6 +97,11 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     import torch
 
     path = Path(path)
+    if path.is_dir() and not is_sharded_checkpoint(path):
+        raise ModelLoadError(
+            f"checkpoint folder {path} holds no sharded checkpoint (no .metadata file): give a .ckpt file or the "
+            "folder a sharded run wrote"
+        )
     if is_sharded_checkpoint(path):
         try:
             from lightning.fabric.utilities.load import _load_distributed_checkpoint
@@ -63,7 +112,7 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
             ) from error
         checkpoint = _load_distributed_checkpoint(path)
     elif path.is_file():
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        checkpoint = load_checkpoint_file(path)
     else:
         raise ModelLoadError(f"checkpoint {path} not found: give a .ckpt file or a sharded checkpoint folder")
     if "lightning_safety" not in checkpoint:

@@ -83,7 +83,10 @@ class RiskCache:
                 f"the risk cache in {source} was written by estimator '{state.get('namespace')}', not "
                 f"'{self.namespace}': delete it or point the callback at another cache_path"
             )
-        scores = {str(k): float(v) for k, v in state["scores"].items()}
+        try:
+            scores = {str(k): float(v) for k, v in state["scores"].items()}
+        except (KeyError, AttributeError, TypeError, ValueError):
+            raise RiskError(f"the risk cache in {source} holds scores that are not numbers: delete it to rebuild it") from None
         self.update(list(scores), list(scores.values()))  # validates
         self._unsynced.clear()
 
