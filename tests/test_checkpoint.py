@@ -103,3 +103,42 @@ def test_export_writes_an_adapter_or_a_merged_model_that_reproduce_the_trained_p
     with pytest.raises(ModelLoadError, match="not found: give a .ckpt file or a sharded checkpoint folder"):
         export(str(tmp_path / "missing.ckpt"), str(tmp_path / "out"))
     assert not (tmp_path / "out").exists()
+
+
+def test_a_checkpoint_refuses_to_resume_on_another_model(tiny_model_dir, tmp_path, capsys):
+    """Under LoRA a checkpoint holds the adapter alone: resumed on another base model (same shapes, other
+    weights) it would train on top of that model and its reference, silently. The fingerprint refuses it."""
+    from lightning_safety.cli import run_cli
+    from lightning_safety.models import LoraSettings
+    from lightning_safety.tiny_model import tiny_model_folder
+
+    lora = LoraSettings(r=4, alpha=8, dropout=0.0, target_modules="all-linear")
+    run(tiny_model_dir, tmp_path / "first", max_steps=2, checkpoint_every=2, lora=lora, reference="adapter_copy")
+    checkpoint_file = tmp_path / "first" / "step=2.ckpt"
+    extra = torch.load(checkpoint_file, weights_only=True)["lightning_safety"]
+    assert extra["start_model"] == str(tiny_model_dir) and len(extra["start_fingerprint"]) == 64
+
+    # The same model resumes; another one with the same shapes is refused before a step is taken.
+    run(tiny_model_dir, tmp_path / "same", max_steps=3, ckpt_path=checkpoint_file, lora=lora, reference="adapter_copy")
+    other = tiny_model_folder(tmp_path / "other", seed=1)
+    with pytest.raises(Exception) as raised:
+        run(other, tmp_path / "api", max_steps=3, ckpt_path=checkpoint_file, lora=lora, reference="adapter_copy")
+    assert "was trained from model" in str(raised.value) and str(tiny_model_dir) in str(raised.value)
+    assert not (tmp_path / "api").exists() or not any((tmp_path / "api").rglob("*.ckpt"))
+
+    # The same from the command line, where the model's folder now holds other weights: one line, exit 2.
+    moved = tmp_path / "model"
+    import shutil
+
+    shutil.copytree(tiny_model_dir, moved)
+    run(moved, tmp_path / "cli_first", max_steps=2, checkpoint_every=2, lora=lora, reference="adapter_copy")
+    shutil.rmtree(moved)
+    shutil.copytree(other, moved)
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(["fit", "--config", str(TINY_DATA.parents[1] / "tiny.yaml"), "--data.train", str(TINY_DATA),
+                 "--trainer.default_root_dir", str(tmp_path / "cli"), "--ckpt_path",
+                 str(tmp_path / "cli_first" / "step=2.ckpt")])
+    assert exit_info.value.code == 2
+    error = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(error) == 1 and "was trained from model" in error[0]
+    assert not (tmp_path / "cli").exists()
