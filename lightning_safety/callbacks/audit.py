@@ -415,8 +415,8 @@ def _typed_csv_row(row: dict[str, str]) -> dict[str, Any]:
 def read_audit_log(path: str | os.PathLike[str], format: AuditFormat | None = None) -> list[dict[str, Any]]:
     """Rows of an audit log written by :class:`RiskAuditLog`, with typed values (None for null).
 
-    An incomplete last line (a crash in the middle of a write) holds no complete row and is
-    skipped. Under DDP, read each rank's file (``audit.rank0.jsonl``, ...).
+    An incomplete last line (a crash in the middle of a write) holds no complete row: it is
+    skipped with a warning. Under DDP, read each rank's file (``audit.rank0.jsonl``, ...).
 
     Args:
         path: the JSON Lines or CSV log.
@@ -433,7 +433,13 @@ def read_audit_log(path: str | os.PathLike[str], format: AuditFormat | None = No
         raise LightningSafetyError(f"audit log {path} not found")
     data = path.read_bytes()
     # Complete lines only, cut before decoding: a crash may also split a multi-byte character.
-    text = data[: data.rfind(b"\n") + 1].decode("utf-8")
+    complete = data.rfind(b"\n") + 1
+    if complete < len(data):
+        warnings.warn(
+            f"skipped an incomplete last line ({len(data) - complete} bytes) of {path}, left by an interrupted "
+            "write; a resumed fit removes it"
+        )
+    text = data[:complete].decode("utf-8")
     if kind == "csv":
         try:
             return [_typed_csv_row(row) for row in csv.DictReader(io.StringIO(text))]

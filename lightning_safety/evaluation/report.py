@@ -15,6 +15,7 @@ is renamed into place at the end. JSON is strict: NaN (a rate of zero examples) 
 
 from __future__ import annotations
 
+import glob
 import json
 import math
 import os
@@ -124,7 +125,9 @@ def load_report(output_dir: str | Path) -> dict[str, Any]:
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise ReportError(f"{output_dir} is not a report folder: {METRICS_FILE} not found") from None
+        left = _interrupted_overwrite(Path(os.path.abspath(output_dir)))
+        hint = f" (an interrupted overwrite left the previous report in {left})" if left else ""
+        raise ReportError(f"{output_dir} is not a report folder: {METRICS_FILE} not found{hint}") from None
     try:
         data = json.loads(text)
     except json.JSONDecodeError as error:
@@ -182,6 +185,12 @@ def check_report_folder(target: Path, overwrite: bool) -> None:
             f"refusing to overwrite {target}: it is not a report folder (no {METRICS_FILE}); remove it yourself "
             "or choose another output"
         )
+
+
+def _interrupted_overwrite(target: Path) -> Path | None:
+    """The previous report an overwrite killed between its two renames set aside (see below), if any."""
+    kept = list(target.parent.glob(f".{glob.escape(target.name)}.*.old/report/{METRICS_FILE}"))
+    return max(kept, key=lambda path: path.stat().st_mtime).parent if kept else None
 
 
 @contextmanager
