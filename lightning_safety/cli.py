@@ -23,6 +23,7 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
+from lightning_safety.checkpointing import AtomicCheckpoints
 from lightning_safety.commands import is_command, run_command
 from lightning_safety.data import ChatSFTDataModule
 from lightning_safety.errors import DataError, LightningSafetyError
@@ -130,6 +131,7 @@ def run_cli(args: Sequence[str] | None = None) -> SafetyCLI | Any:
             parser_kwargs={"description": "Fine-tune chat LLMs while keeping them safe (adaptive KL)."},
             save_config_callback=SaveConfigOnStart,
             save_config_kwargs={"overwrite": True},
+            trainer_defaults={"callbacks": [AtomicCheckpoints()]},  # a crash never leaves a torn checkpoint
         )
     except Exception as error:
         ours = _find_our_error(error)

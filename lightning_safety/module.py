@@ -509,6 +509,12 @@ class SafeFineTuning(L.LightningModule):
         result.missing_keys[:] = missing
         return result
 
+    def configure_callbacks(self) -> list[L.Callback]:
+        """Checkpoints written atomically (temporary file + rename in their folder), for any trainer."""
+        from lightning_safety.checkpointing import AtomicCheckpoints
+
+        return [AtomicCheckpoints()]
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint.get("state_dict")
         frozen = self._frozen_names()
