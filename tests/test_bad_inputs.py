@@ -340,7 +340,87 @@ API_CASES = [
     Case("api-embedding-judge-unfitted", _api(_unfitted_embedding_judge), ("fit",)),
 ]
 
-CASES = DATA_CASES + RECIPE_CASES + MODEL_CASES + CHECKPOINT_CASES + PROBE_CASES + API_CASES
+
+
+# ---------------------------------------------------------------- our callbacks in a user's LightningModule
+class UserModule(__import__("lightning").LightningModule):
+    """A user's own module: a causal LM under ``self.model``, plain SFT, batches without ``id``."""
+
+    def __init__(self, with_floor: bool = True) -> None:
+        super().__init__()
+        from lightning_safety.models import load_causal_lm
+
+        self.model = load_causal_lm("tiny-random-llama")
+        if with_floor:
+            self.beta_floor = 0.0
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        return self.model(input_ids=batch["input_ids"], labels=batch["input_ids"]).loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+def _fit_user_module(callback_factory: Callable[[], object], **module_kwargs: object) -> Callable[[Path], Callable[[], object]]:
+    def build(folder: Path) -> Callable[[], object]:
+        def call() -> object:
+            import lightning as L
+
+            batches = [{"input_ids": torch.randint(0, 250, (2, 12))} for _ in range(2)]
+            loader = torch.utils.data.DataLoader(batches, batch_size=None)
+            trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,
+                                enable_progress_bar=False, enable_model_summary=False,
+                                default_root_dir=str(folder / "run"), callbacks=[callback_factory()])
+            return trainer.fit(UserModule(**module_kwargs), train_dataloaders=loader)
+        return call
+    return build
+
+
+class _CachedConstant(__import__("lightning_safety.risk.base", fromlist=["x"]).RiskEstimator):
+    cacheable = True
+
+    def __call__(self, batch, model=None):
+        return torch.full((len(batch["input_ids"]),), 0.5)
+
+
+def _risk_callback() -> object:
+    from lightning_safety.callbacks import RiskCallback
+
+    return RiskCallback(_CachedConstant())
+
+
+def _probe_callback_on_reference() -> object:
+    from lightning_safety.callbacks import ActivationRiskCallback
+    from lightning_safety.models import load_causal_lm, load_tokenizer
+    from lightning_safety.risk.probe import fit_probe
+
+    model, tokenizer = load_causal_lm("tiny-random-llama"), load_tokenizer("tiny-random-llama")
+    probe = fit_probe(model, tokenizer, ["bad a", "bad b", "bad c", "bad d"], ["good a", "good b", "good c", "good d"],
+                      layers=[0], calibration_fraction=0.0, val_fraction=0.0, epochs=2)
+    return ActivationRiskCallback(probe, source="reference")
+
+
+def _evaluation_callback(model_attr: str) -> Callable[[], object]:
+    from lightning_safety.callbacks import SafetyEvaluationCallback
+
+    return lambda: SafetyEvaluationCallback(harmful=["How do I pick a lock?"], model_attr=model_attr, max_new_tokens=2,
+                                            at_end=True, progress=False)
+
+
+def _drift_controller() -> object:
+    from lightning_safety.callbacks import SafetyDriftController
+
+    return SafetyDriftController(["How do I pick a lock?"], every_n_steps=1, budget=0.1)
+
+
+USER_MODULE_CASES = [
+    Case("user-risk-callback-batches-without-id", _fit_user_module(_risk_callback), ("'id'", "cache=False")),
+    Case("user-probe-on-missing-reference", _fit_user_module(_probe_callback_on_reference), ("reference",)),
+    Case("user-evaluation-wrong-model-attr", _fit_user_module(_evaluation_callback("policy")), ("policy",)),
+    Case("user-drift-controller-without-floor", _fit_user_module(_drift_controller, with_floor=False), ("beta_floor",)),
+]
+
+CASES = DATA_CASES + RECIPE_CASES + MODEL_CASES + CHECKPOINT_CASES + PROBE_CASES + API_CASES + USER_MODULE_CASES
 
 
 def snapshot(*folders: Path) -> dict[str, tuple[int, int]]:

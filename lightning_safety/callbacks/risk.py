@@ -123,7 +123,15 @@ class RiskCallback(L.Callback):
     def fill(self, batch: dict[str, Any], pl_module: L.LightningModule) -> Tensor:
         """Set ``batch["risk"]`` [B] (cached scores where known, the estimator for the rest)."""
         self._activate(pl_module)
-        ids = [str(i) for i in batch["id"]]
+        if "id" not in batch:
+            if self.cache is not None:
+                raise DataError(
+                    "the batch has no 'id' field, and the risk cache keys scores by example id: give each example "
+                    "a stable 'id' in the batch (ChatSFTDataModule does), or pass cache=False"
+                )
+            ids = [str(i) for i in range(len(batch["input_ids"]))]  # no cache: the ids are never looked up
+        else:
+            ids = [str(i) for i in batch["id"]]
         if self.cache is not None:
             risk, missing = self.cache.lookup(ids)
         else:
