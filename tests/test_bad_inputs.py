@@ -179,6 +179,12 @@ CHECKPOINT_CASES = [
                                                    str(f / "out")], ("bad.ckpt",)),
     Case("export-foreign-checkpoint", lambda f: ["export", "--checkpoint", _ckpt(f, {"state_dict": {}}), "--output",
                                                  str(f / "out")], ("bad.ckpt",)),
+    Case("evaluate-truncated-checkpoint", lambda f: ["evaluate", "--model", _ckpt(f, b"PK\x03\x04 cut"), "--harmful.path",
+                                                     write(f, "h.txt", "a\n"), "--output", str(f / "report")],
+         ("bad.ckpt", "unreadable")),
+    Case("evaluate-missing-checkpoint", lambda f: ["evaluate", "--model", str(f / "none.ckpt"), "--harmful.path",
+                                                   write(f, "h.txt", "a\n"), "--output", str(f / "report")],
+         ("none.ckpt", "not found")),
     Case("export-output-exists", lambda f: ["export", "--checkpoint", _ckpt(f, {"state_dict": {}}), "--output",
                                             str((f / "out").mkdir() or f / "out")], ("out", "exists")),
 ]
