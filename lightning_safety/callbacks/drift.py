@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -16,6 +15,7 @@ from lightning_safety.data.formatting import resolve_pad_token_id
 from lightning_safety.distributed import is_sharded
 from lightning_safety.errors import LightningSafetyError
 from lightning_safety.evaluation.drift import CanarySet, build_canaries, canary_logprob, safety_drift
+from lightning_safety.callbacks.tokenizer import resolve_tokenizer
 from lightning_safety.risk.estimators import find_causal_lm
 
 logger = logging.getLogger("lightning_safety.callbacks.drift")
@@ -166,21 +166,8 @@ class SafetyDriftController(Callback):
             pl_module.beta_floor = self.floor
 
     def _resolve_tokenizer(self, trainer: L.Trainer, pl_module: L.LightningModule) -> Any:
-        spec = self.tokenizer_spec
-        if spec is None:
-            spec = getattr(pl_module, "tokenizer", None)
-        if spec is None and trainer.datamodule is not None:
-            spec = getattr(trainer.datamodule, "tokenizer", None)
-        if spec is None:
-            raise LightningSafetyError(
-                "SafetyDriftController found no tokenizer: pass tokenizer=..., or expose `tokenizer` on the "
-                "LightningModule or the datamodule")
-        if isinstance(spec, (str, os.PathLike)):
-            from lightning_safety.models import load_tokenizer
-
-            spec = load_tokenizer(os.fspath(spec))
-        self.tokenizer_spec = spec
-        return spec
+        self.tokenizer_spec = resolve_tokenizer(self.tokenizer_spec, trainer, pl_module, type(self).__name__)
+        return self.tokenizer_spec
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:

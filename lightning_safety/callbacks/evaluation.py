@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -12,6 +11,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.trainer.states import TrainerFn
 
+from lightning_safety.callbacks.tokenizer import resolve_tokenizer
 from lightning_safety.errors import LightningSafetyError
 from lightning_safety.evaluation.generation import GenerationSettings
 from lightning_safety.evaluation.refusal import GCG_REFUSAL_STRINGS, KeywordRefusal
@@ -169,24 +169,9 @@ class SafetyEvaluationCallback(Callback):
 
     # ------------------------------------------------------------------ evaluation
     def _resolve_tokenizer(self, trainer: L.Trainer, pl_module: L.LightningModule) -> Any:
-        if self._tokenizer is not None:
-            return self._tokenizer
-        spec = self.tokenizer_spec
-        if spec is None:
-            spec = getattr(pl_module, "tokenizer", None)
-        if spec is None:
-            spec = getattr(trainer.datamodule, "tokenizer", None) if trainer.datamodule is not None else None
-        if spec is None:
-            raise LightningSafetyError(
-                "SafetyEvaluationCallback found no tokenizer: pass tokenizer=..., or expose `tokenizer` on the "
-                "LightningModule or the datamodule"
-            )
-        if isinstance(spec, (str, os.PathLike)):
-            from lightning_safety.models import load_tokenizer
-
-            spec = load_tokenizer(os.fspath(spec))
-        self._tokenizer = spec
-        return spec
+        if self._tokenizer is None:
+            self._tokenizer = resolve_tokenizer(self.tokenizer_spec, trainer, pl_module, type(self).__name__)
+        return self._tokenizer
 
     def _evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:
         from lightning_safety.risk.estimators import find_causal_lm
