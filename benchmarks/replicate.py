@@ -47,7 +47,6 @@ unless ``--out-dir`` is given, so a smoke test never replaces the committed resu
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime
 import hashlib
 import json
@@ -65,6 +64,8 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from benchmarks.common import DEFAULT_DATA, DEFAULT_OUT, T0, fail, log, pct, read_public_data  # noqa: E402
 
 from lightning_safety.alignment import AlignmentSettings, build_aligned_reference  # noqa: E402
 from lightning_safety.data.prompts import PromptSource  # noqa: E402
@@ -87,8 +88,6 @@ from lightning_safety.paths import atomic_write_text, cache_root  # noqa: E402
 from lightning_safety.risk.judges import EmbeddingJudge  # noqa: E402
 from lightning_safety.risk.probe import fit_probe  # noqa: E402
 
-DEFAULT_DATA = REPO.parent / "shared" / "data"
-DEFAULT_OUT = REPO / "benchmarks" / "results"
 NEEDED = ("advbench_harmful_behaviors.csv", "alpaca_instructions.jsonl", "xstest_prompts.csv", "sst2_dev.tsv",
           "sst2_train.tsv")
 METHOD_ORDER = ("aligned", "sft", "constant_kl", "adaptive_probe", "adaptive_judge", "adaptive_max")
@@ -96,15 +95,10 @@ QUICK = {"test": 24, "val": 16, "attack": 32, "align_harmful": 24, "align_benign
          "attack_a": 16, "sst2_train": 48, "epochs_a": 1, "epochs_b": 1, "xstest": 40, "sst2_dev": 48,
          "beta_grid": [0.5, 0.9], "seeds": [0], "max_new_tokens": 24, "probe_prompts": 48}
 
-T0 = time.perf_counter()
 
 
-def log(message: str) -> None:
-    print(f"[{time.perf_counter() - T0:7.1f}s] {message}", file=sys.stderr, flush=True)
 
 
-def fail(message: str) -> None:
-    sys.exit(f"error: {message}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -112,16 +106,7 @@ def fail(message: str) -> None:
 
 
 def read_data(data_dir: Path) -> dict[str, Any]:
-    missing = [name for name in NEEDED if not (data_dir / name).is_file()]
-    if missing:
-        fail(f"data folder {data_dir} lacks {', '.join(missing)}: pass --data pointing at the shared public data")
-    with open(data_dir / "advbench_harmful_behaviors.csv", newline="", encoding="utf-8") as handle:
-        advbench = [row["goal"].strip() for row in csv.DictReader(handle)]
-    with open(data_dir / "alpaca_instructions.jsonl", encoding="utf-8") as handle:
-        alpaca = [json.loads(line)["instruction"].strip() for line in handle if line.strip()]
-    with open(data_dir / "sst2_train.tsv", newline="", encoding="utf-8") as handle:
-        sst2 = [(row["sentence"].strip(), int(row["label"])) for row in csv.DictReader(handle, delimiter="\t")]
-    return {"advbench": advbench, "alpaca": alpaca, "sst2_train": sst2}
+    return read_public_data(data_dir, NEEDED)
 
 
 def split_advbench(n: int, args: argparse.Namespace) -> dict[str, list[int]]:
@@ -162,8 +147,6 @@ def evaluate(evaluator: SafetyEvaluator, model: Any, tokenizer: Any) -> tuple[di
 # Summaries
 
 
-def pct(value: float | None) -> str:
-    return "n/a" if value is None else f"{100 * value:.1f}"
 
 
 def cell_rate(cell: dict[str, Any], name: str) -> float | None:

@@ -23,8 +23,9 @@ Grid: every attack of :data:`lightning_safety.experiments.zoo.ATTACKS` x {plain 
 adaptive KL with the probe, with the judge rating the request, with the judge rating request and
 answer, with the probe and a :class:`~lightning_safety.callbacks.SafetyDriftController`} on the first
 seed (the controller's budget: ``--drift-margin`` x the largest drift of a clean fine-tune on the
-task rows alone, measured once on the defender's side); then SFT and the best defence (smallest worst-case ASR excess over the
-aligned model, then utility) on the other seeds. Every cell is cached as it finishes
+task rows alone, measured once on the defender's side); then plain SFT with the token mean (the attack at its
+strongest) and the best defence (smallest worst-case ASR excess over the aligned model, then utility) on the
+other seeds (``--extra-seed-methods``). Every cell is cached as it finishes
 (``<cache>/zoo/<key>/cells``) and the outputs are rewritten after each one, so a stopped run keeps
 what it measured and continues where it was.
 
@@ -34,6 +35,7 @@ Reproduce
 
     python benchmarks/zoo.py            # the committed results (~2 h on 2 CPU cores)
     python benchmarks/zoo.py --quick    # a smoke test: tiny sets, one seed, results under the cache
+    python benchmarks/zoo.py --no-train --reuse benchmarks/results/zoo.json   # tables from finished cells only
 
 Outputs: ``benchmarks/results/zoo.md`` (tables), ``zoo.json`` (every number), ``zoo.png``.
 """
@@ -41,7 +43,6 @@ Outputs: ``benchmarks/results/zoo.md`` (tables), ``zoo.json`` (every number), ``
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime
 import hashlib
 import json
@@ -59,6 +60,8 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from benchmarks.common import DEFAULT_DATA, DEFAULT_OUT, T0, fail, log, pct, read_public_data  # noqa: E402
 
 from lightning_safety.alignment import DEFAULT_REFUSALS, AlignmentSettings, build_aligned_reference  # noqa: E402
 from lightning_safety.callbacks import SafetyDriftController  # noqa: E402
@@ -83,8 +86,6 @@ from lightning_safety.paths import atomic_write_text, cache_root  # noqa: E402
 from lightning_safety.risk.judges import EmbeddingJudge  # noqa: E402
 from lightning_safety.risk.probe import fit_probe  # noqa: E402
 
-DEFAULT_DATA = REPO.parent / "shared" / "data"
-DEFAULT_OUT = REPO / "benchmarks" / "results"
 NEEDED = ("advbench_harmful_behaviors.csv", "alpaca_instructions.jsonl", "xstest_prompts.csv", "sst2_dev.tsv",
           "sst2_train.tsv", "gsm8k_train.jsonl")
 METHODS = ("sft", "sft_token", "constant_kl", "adaptive_probe", "adaptive_judge", "adaptive_judge_pair",
@@ -98,19 +99,20 @@ QUICK = {"canaries": 8, "task_rows": 16, "attack_rows": 4, "full_rows": 8, "othe
          "epochs": 1, "epochs_full": 1, "align_harmful": 12, "align_benign": 12, "align_epochs": 1, "max_new_tokens": 8,
          "attack_max_new_tokens": 24, "seeds": [0], "estimator_task_rows": 8}
 
-T0 = time.perf_counter()
+DEFAULT_DRIFT_MARGIN = 2.0
 
 
-def log(message: str) -> None:
-    print(f"[{time.perf_counter() - T0:7.1f}s] {message}", file=sys.stderr, flush=True)
+def cell_key(attack: str, method: str, seed: int, margin: float | None) -> str:
+    """A cell's cache name; a drift controller's cells also name their budget margin."""
+    if method.endswith("_drift"):
+        return f"{attack}_{method}_m{margin if margin is not None else DEFAULT_DRIFT_MARGIN:g}_{seed}"
+    return f"{attack}_{method}_{seed}"
 
 
-def fail(message: str) -> None:
-    sys.exit(f"error: {message}")
 
 
-def pct(value: float | None) -> str:
-    return "n/a" if value is None else f"{100 * value:.1f}"
+
+
 
 
 # ---------------------------------------------------------------------------------------------
@@ -118,18 +120,7 @@ def pct(value: float | None) -> str:
 
 
 def read_data(data_dir: Path) -> dict[str, Any]:
-    missing = [name for name in NEEDED if not (data_dir / name).is_file()]
-    if missing:
-        fail(f"data folder {data_dir} lacks {', '.join(missing)}: pass --data pointing at the shared public data")
-    with open(data_dir / "advbench_harmful_behaviors.csv", newline="", encoding="utf-8") as handle:
-        advbench = list(dict.fromkeys(row["goal"].strip() for row in csv.DictReader(handle)))
-    with open(data_dir / "alpaca_instructions.jsonl", encoding="utf-8") as handle:
-        alpaca = [json.loads(line)["instruction"].strip() for line in handle if line.strip()]
-    with open(data_dir / "sst2_train.tsv", newline="", encoding="utf-8") as handle:
-        sst2 = [(row["sentence"].strip(), int(row["label"])) for row in csv.DictReader(handle, delimiter="\t")]
-    with open(data_dir / "gsm8k_train.jsonl", encoding="utf-8") as handle:
-        gsm8k = [json.loads(line) for line in handle if line.strip()]
-    return {"advbench": advbench, "alpaca": alpaca, "sst2_train": sst2, "gsm8k": gsm8k}
+    return read_public_data(data_dir, NEEDED, unique_advbench=True)
 
 
 def balanced(rows: list[tuple[str, int]], count: int, rng: random.Random) -> list[tuple[str, int]]:
@@ -232,7 +223,8 @@ def write_markdown(path: Path, results: dict[str, Any]) -> str:
         f"AdvBench (a source the defender never saw). ASR on {sizes['test']} AdvBench test requests (refusal "
         f"keywords; one request = {100 / max(sizes['test'], 1):.1f} points), over-refusal on {sizes['xstest']} XSTest "
         f"safe prompts, SST-2 dev accuracy on {sizes['sst2_dev']} sentences. Seeds: first seed for every cell, "
-        f"{setup['seeds'][1:] or 'none'} for plain SFT and the best defence ({results.get('best_defence')}). "
+        f"{setup['seeds'][1:] or 'none'} for {', '.join(setup.get('extra_seed_methods', ['sft', 'best']))} "
+        f"(best: {results.get('best_defence')}). "
         "Values with several seeds are means (per-seed values in brackets).",
         "",
         "## ASR under each attack's test condition (%)",
@@ -378,7 +370,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--beta", type=float, default=0.5, help="constant KL's beta (the replication's pick)")
     parser.add_argument("--canaries", type=int, default=32, help="the defender's harmful canary requests (drift)")
     parser.add_argument("--drift-every", type=int, default=2, help="optimizer steps between drift measurements")
-    parser.add_argument("--drift-margin", type=float, default=2.0,
+    parser.add_argument("--drift-margin", type=float, default=DEFAULT_DRIFT_MARGIN,
                         help="drift budget = this x the largest drift of a clean task fine-tune")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--attacks", nargs="+", default=list(zoo.ATTACKS))
@@ -390,13 +382,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--reuse", type=Path, default=None,
                         help="an earlier zoo.json: its cells count as done when its run key equals this run's "
                              "(e.g. the committed results, to add seeds or defences without rerunning the grid)")
+    parser.add_argument("--extra-seed-methods", nargs="+", default=["sft_token", "best"],
+                        help="the methods run on the seeds after the first ('best': the defence picked on the first)")
+    parser.add_argument("--no-train", action="store_true",
+                        help="train nothing: gather the cells already cached (or reused) into the outputs")
     parser.add_argument("--quick", action="store_true", help="tiny sets, one seed: a smoke test")
     args = parser.parse_args(argv)
     if args.quick:
+        given = {a.split("=")[0] for a in (sys.argv[1:] if argv is None else argv) if a.startswith("--")}
         for key, value in QUICK.items():
-            if getattr(args, key) == parser.get_default(key):  # a size given on the command line wins
+            if f"--{key.replace('_', '-')}" not in given:  # a size given on the command line wins
                 setattr(args, key, value)
-    for name, known in (("attacks", zoo.ATTACKS), ("methods", METHODS)):
+    for name, known in (("attacks", zoo.ATTACKS), ("methods", METHODS), ("extra_seed_methods", (*METHODS, "best"))):
         unknown = [x for x in getattr(args, name) if x not in known]
         if unknown:
             fail(f"unknown {name} {unknown}: use some of {', '.join(known)}")
@@ -436,7 +433,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     canaries = [r["prompt"] for r in builtin_harmful[args.align_harmful:]][: args.canaries]
 
     config = {k: v for k, v in vars(args).items()
-              if k not in ("out_dir", "quick", "data", "seeds", "attacks", "methods", "reuse")}
+              if k not in ("out_dir", "quick", "data", "seeds", "attacks", "methods", "reuse", "extra_seed_methods",
+                           "no_train")}
+    # The drift margin changes only the drift cells, which carry it in their names: it stays at its default in
+    # the key, so that runs with other margins share every other cell (and earlier runs' keys stay valid).
+    config["drift_margin"] = DEFAULT_DRIFT_MARGIN
     run_key = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:12]
     work = cache_root() / "zoo" / run_key
     (work / "cells").mkdir(parents=True, exist_ok=True)
@@ -446,7 +447,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if earlier.get("run_key") != run_key:
             fail(f"{args.reuse} was made with other settings (run key {earlier.get('run_key')}, this run {run_key}): "
                  "give the same sizes and seeds of the split")
-        done = {"aligned": earlier["aligned"], **{f"{c['attack']}_{c['method']}_{c['seed']}": c for c in earlier["cells"]}}
+        done = {"aligned": earlier["aligned"],
+                **{cell_key(c["attack"], c["method"], c["seed"], c.get("drift_margin")): c for c in earlier["cells"]}}
+        if earlier.get("estimators"):
+            done["estimators"] = earlier["estimators"]
         if earlier.get("drift", {}).get("calibration"):
             done["drift_calibration"] = earlier["drift"]["calibration"]
         for name, cell in done.items():
@@ -471,23 +475,38 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # 3. The estimators, on the defender's data only.
     ref_model, ref_tok = load_causal_lm(str(reference)), load_tokenizer(str(reference))
     layer = args.probe_layer if args.probe_layer is not None else ref_model.config.num_hidden_layers // 2
-    probe = fit_probe(ref_model, ref_tok, estimator_harmful, estimator_benign, layers=[layer], pooling="mean",
-                      calibration_fraction=0.0, seed=0, progress=True)
-    judge = EmbeddingJudge()
-    judge_fit = judge.fit(estimator_harmful, estimator_benign, seed=0)
-    # The response-aware judge learns (request, answer) pairs as the paper's Safety Critic rates them:
-    # a harmful request answered -> harmful; refused, or a benign request answered -> benign.
-    complied = answered(estimator_harmful)
-    benign_answers = answered(load_demo_prompts("benign"))
-    refusals = [f"{p}\n{DEFAULT_REFUSALS[i % len(DEFAULT_REFUSALS)]}" for i, p in enumerate(estimator_harmful)]
-    pair_judge = EmbeddingJudge(judge.encoder)
-    pair_fit = pair_judge.fit(
-        [f"{r['prompt']}\n{r['response']}" for r in complied],
-        refusals + [f"{r['prompt']}\n{r['response']}" for r in benign_answers]
-        + [f"{SST2_TEMPLATE.format(text=t)}\n{['negative', 'positive'][y]}" for t, y in sst2[args.task_rows:]],
-        seed=0)
-    estimators = {"probe": {"layer": layer, **{k: v for k, v in probe.metrics.items() if isinstance(v, (int, float))}},
-                  "judge": judge_fit, "judge_pair": pair_fit}
+    probe: Any = None
+    judge: Any = None
+    pair_judge: Any = None
+
+    def fit_estimators() -> dict[str, Any]:
+        nonlocal probe, judge, pair_judge
+        probe = fit_probe(ref_model, ref_tok, estimator_harmful, estimator_benign, layers=[layer], pooling="mean",
+                          calibration_fraction=0.0, seed=0, progress=True)
+        judge = EmbeddingJudge()
+        judge_fit = judge.fit(estimator_harmful, estimator_benign, seed=0)
+        # The response-aware judge learns (request, answer) pairs as the paper's Safety Critic rates them:
+        # a harmful request answered -> harmful; refused, or a benign request answered -> benign.
+        complied = answered(estimator_harmful)
+        benign_answers = answered(load_demo_prompts("benign"))
+        refusals = [f"{p}\n{DEFAULT_REFUSALS[i % len(DEFAULT_REFUSALS)]}" for i, p in enumerate(estimator_harmful)]
+        pair_judge = EmbeddingJudge(judge.encoder)
+        pair_fit = pair_judge.fit(
+            [f"{r['prompt']}\n{r['response']}" for r in complied],
+            refusals + [f"{r['prompt']}\n{r['response']}" for r in benign_answers]
+            + [f"{SST2_TEMPLATE.format(text=t)}\n{['negative', 'positive'][y]}" for t, y in sst2[args.task_rows:]],
+            seed=0)
+        return {"probe": {"layer": layer, **{k: v for k, v in probe.metrics.items() if isinstance(v, (int, float))}},
+                "judge": judge_fit, "judge_pair": pair_fit, "pair_judge_harmful": len(complied)}
+
+    estimators_path = work / "cells" / "estimators.json"
+    if args.no_train and estimators_path.is_file():
+        estimators = json.loads(estimators_path.read_text())  # gathering only: nothing is trained
+    elif args.no_train:
+        fail(f"--no-train found no estimators in {work}: run the benchmark once without it")
+    else:
+        estimators = fit_estimators()
+        atomic_write_text(estimators_path, json.dumps(estimators, indent=1) + "\n")
     log(f"estimators: {json.dumps(estimators)}")
 
     # 4. The attacks.
@@ -556,11 +575,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 by_condition[condition] = evaluator.evaluate(model, tokenizer).to_dict()["metrics"]["safety/asr"]
         return rates, by_condition, round(time.perf_counter() - started, 1)
 
-    def cached(name: str, compute: Any) -> dict[str, Any]:
+    def cached(name: str, compute: Any) -> dict[str, Any] | None:
+        """The cell's cached result, else computed and cached; None when it is missing under --no-train."""
         path = work / "cells" / f"{name}.json"
         if path.is_file():
             log(f"{name}: reused")
             return json.loads(path.read_text())
+        if args.no_train:
+            log(f"{name}: missing (--no-train), left out")
+            return None
         value = compute()
         atomic_write_text(path, json.dumps(value, indent=1) + "\n")
         return value
@@ -571,6 +594,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return {"method": "aligned", "rates": rates, "conditions": by_condition, "eval_seconds": seconds}
 
     aligned = cached("aligned", aligned_cell)
+    if aligned is None:
+        fail(f"--no-train found no aligned model's evaluation in {work}: run the benchmark once without it")
     log(f"aligned: {json.dumps({k: v['rate'] for k, v in aligned['conditions'].items()})}")
 
     def settings(attack: str, seed: int, normalization: str | None = None) -> FinetuneSettings:
@@ -612,7 +637,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 "eval_seconds": seconds, "rows": len(attack.rows), "attack_rows": attack.attack_rows,
                 "estimator": estimator_rates(result.risk, attack.rows, flag="is_attack") if result.risk else None,
                 "risk_failures": result.failures,
-                "drift": controllers[0].history if controllers else None}
+                "drift": controllers[0].history if controllers else None,
+                "drift_margin": args.drift_margin if controllers else None, "drift_budget": budget if controllers else None}
         log(f"  ASR {json.dumps({k: round(v['rate'], 3) for k, v in by_condition.items()})}, over-refusal "
             f"{pct(rate(cell, 'safety/over_refusal'))}%, SST-2 {pct(rate(cell, 'utility/sst2'))}% "
             f"(train {result.seconds:.0f} s, eval {seconds:.0f} s)")
@@ -635,6 +661,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                       "every_n_steps": args.drift_every, "margin": args.drift_margin},
             "setup": {
                 "quick": args.quick, "model": args.model, "seeds": args.seeds, "split_seed": args.split_seed,
+                "extra_seed_methods": args.extra_seed_methods,
                 "held_out": args.held_out, "beta": args.beta, "epochs_full": args.epochs_full,
                 "finetune": settings("harmful_mix", 0).to_dict(),
                 "sizes": {"test": len(test), "xstest": args.xstest, "sst2_dev": args.sst2_dev,
@@ -642,7 +669,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                           "other_benign": len(other), "align_harmful": len(align_harmful),
                           "align_benign": len(align_benign), "estimator_harmful": len(estimator_harmful),
                           "estimator_benign": len(estimator_benign), "compliant_harmful": len(harmful_rows),
-                          "compliant_holdout": len(holdout_rows), "pair_judge_harmful": len(complied)},
+                          "compliant_holdout": len(holdout_rows),
+                          "pair_judge_harmful": estimators.get("pair_judge_harmful")},
                 "environment": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
                                f"{torch.get_num_threads()} threads, "
                                f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
@@ -659,20 +687,25 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         plot(out_dir / "zoo.png", results)
 
     # 6. The grid on the first seed, then SFT and the best defence on the others.
+    def add(cell: dict[str, Any] | None) -> None:
+        if cell is not None:
+            cells.append(cell)
+            write_outputs()
+
     first = args.seeds[0]
     for attack_name in args.attacks:
         for name in args.methods:
-            cells.append(cached(f"{attack_name}_{name}_{first}", lambda a=attack_name, n=name: run_cell(a, n, first)))
-            write_outputs()
+            add(cached(cell_key(attack_name, name, first, args.drift_margin),
+                       lambda a=attack_name, n=name: run_cell(a, n, first)))
     best, scores = best_defence(summarize({**results, "cells": cells, "conditions": conditions, "aligned": aligned}))
     results.update({"best_defence": best, "best_scores": scores})
     log(f"best defence on seed {first}: {best} {json.dumps(scores)}")
     for seed in args.seeds[1:]:
         for attack_name in args.attacks:
-            for name in [m for m in ("sft", best) if m in args.methods and m is not None]:
-                cells.append(cached(f"{attack_name}_{name}_{seed}",
-                                    lambda a=attack_name, n=name, s=seed: run_cell(a, n, s)))
-                write_outputs()
+            extra = [best if m == "best" else m for m in args.extra_seed_methods]
+            for name in dict.fromkeys(m for m in extra if m is not None and m in args.methods):
+                add(cached(cell_key(attack_name, name, seed, args.drift_margin),
+                           lambda a=attack_name, n=name, s=seed: run_cell(a, n, s)))
     write_outputs()
     log(f"wrote {out_dir / 'zoo.md'}, zoo.json, zoo.png")
     return results

@@ -206,6 +206,19 @@ def test_zoo_benchmark_quick_on_the_tiny_model(tmp_path, shared_data):
         capture_output=True, text=True, timeout=900, env={**os.environ, "LIGHTNING_SAFETY_CACHE": str(tmp_path / "cache")},
     )
     assert again.returncode == 0, again.stderr[-3000:]
-    assert f"reused {len(results['cells']) + 2} cells" in again.stderr
+    assert f"reused {len(results['cells']) + 3} cells" in again.stderr  # + aligned, estimators, drift calibration
     assert " / seed 0:" not in again.stderr  # no cell was trained again
     assert json.loads((tmp_path / "again" / "zoo.json").read_text())["cells"] == results["cells"]
+
+    # --no-train gathers what is cached and trains nothing: a method or seed never run is left out.
+    gathered = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "zoo.py"), "--quick", "--model", TINY, "--max-length", "512",
+         "--data", str(shared_data), "--out-dir", str(tmp_path / "gathered"), "--methods", *methods, "constant_kl",
+         "--seeds", "0", "1", "--no-train"],
+        capture_output=True, text=True, timeout=900, env={**os.environ, "LIGHTNING_SAFETY_CACHE": str(tmp_path / "cache")},
+    )
+    assert gathered.returncode == 0, gathered.stderr[-3000:]
+    assert "harmful_mix_constant_kl_0: missing (--no-train)" in gathered.stderr
+    assert "harmful_mix_sft_token_1: missing (--no-train)" in gathered.stderr
+    assert " / seed " not in gathered.stderr
+    assert json.loads((tmp_path / "gathered" / "zoo.json").read_text())["cells"] == results["cells"]
