@@ -346,13 +346,16 @@ COMMANDS = {"probe": {"fit": probe_fit, "sweep": probe_sweep}, "score": score, "
 
 
 def run_command(args: Sequence[str]) -> Any:
-    """Run ``probe fit|sweep``, ``score`` or ``evaluate`` with jsonargparse (typed options, ``--help``, ``--config``)."""
+    """Run one of :data:`COMMANDS` with jsonargparse (typed options, ``--help``, ``--config``)."""
     from jsonargparse import CLI
 
-    return CLI(COMMANDS, args=list(args), as_positional=False)
+    from lightning_safety.cli_help import PROG
+
+    return CLI(COMMANDS, args=list(args), as_positional=False, prog=PROG)
 
 
 def is_command(args: Sequence[str]) -> bool:
+    """Whether ``args`` start with one of :data:`COMMANDS` (else they are LightningCLI's)."""
     return bool(args) and args[0] in COMMANDS
 
 

@@ -1,29 +1,19 @@
-"""Safety evaluation: batched generation, refusal and harm verdicts, utility tasks, reports."""
+"""Safety evaluation: batched generation, refusal and harm verdicts, utility tasks, reports.
 
-from lightning_safety.evaluation.generation import GenerationSettings, generate_responses
-from lightning_safety.evaluation.refusal import (
-    GCG_REFUSAL_STRINGS,
-    MODERN_REFUSAL_STRINGS,
-    JudgeHarm,
-    KeywordASR,
-    KeywordRefusal,
-)
-from lightning_safety.evaluation.runner import EvaluationResult, PromptSet, SafetyEvaluator, format_rate
-from lightning_safety.evaluation.utility import UtilityTask, label_log_likelihoods, parse_label
+Names are imported on first use (:mod:`lightning_safety._lazy`): a utility task's definition does
+not import the metrics (torchmetrics) through the evaluator.
+"""
 
-__all__ = [
-    "GCG_REFUSAL_STRINGS",
-    "MODERN_REFUSAL_STRINGS",
-    "EvaluationResult",
-    "GenerationSettings",
-    "JudgeHarm",
-    "KeywordASR",
-    "KeywordRefusal",
-    "PromptSet",
-    "SafetyEvaluator",
-    "UtilityTask",
-    "format_rate",
-    "generate_responses",
-    "label_log_likelihoods",
-    "parse_label",
-]
+from lightning_safety._lazy import export_names, lazy_exports
+
+_EXPORTS = {
+    "lightning_safety.evaluation.generation": ("GenerationSettings", "generate_responses"),
+    "lightning_safety.evaluation.refusal": (
+        "GCG_REFUSAL_STRINGS", "MODERN_REFUSAL_STRINGS", "JudgeHarm", "KeywordASR", "KeywordRefusal",
+    ),
+    "lightning_safety.evaluation.runner": ("EvaluationResult", "PromptSet", "SafetyEvaluator", "format_rate"),
+    "lightning_safety.evaluation.utility": ("UtilityTask", "label_log_likelihoods", "parse_label"),
+}
+
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
+__all__ = export_names(_EXPORTS)
