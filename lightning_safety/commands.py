@@ -7,8 +7,9 @@
   GGUF, alias or training checkpoint) on prompt sets; writes metrics.json, summary.md and plots.
 * ``lightning-safety demo``: align SmolLM2-135M-Instruct, attack it with harmful fine-tuning, defend it
   with adaptive KL, and print ASR / over-refusal / utility of the three models (offline, minutes).
-* ``lightning-safety score``: score a dataset once with a judge or a probe; write the scores as a
-  ``risk`` column (JSONL) and/or as a risk cache that ``RiskCallback(cache_path=...)`` reuses.
+* ``lightning-safety score``: score a chat dataset or a prompt list once with a judge, a probe or both
+  (``lightning_safety.risk.score_prompts``); write the scores as a ``risk`` column (JSONL) and/or as a
+  risk cache that ``RiskCallback(cache_path=...)`` reuses.
 * ``lightning-safety export``: a training checkpoint (file, or FSDP2's sharded folder) as a Hugging
   Face model folder or a PEFT adapter, for inference.
 
@@ -21,9 +22,10 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from lightning_safety.data.prompts import PromptSource, load_prompts
+from lightning_safety.data.records import FieldMap
 from lightning_safety.errors import DataError
 from lightning_safety.evaluation.utility import UtilityTask
 from lightning_safety.experiments.demo import demo
@@ -156,61 +158,82 @@ def score(
     judge: Judge | None = None,
     probe: str | None = None,
     model: str | None = None,
+    combine: Literal["max", "mean"] = "max",
+    field: str | None = None,
     include_response: bool = True,
     split: str = "train",
     name: str | None = None,
     limit: int | None = None,
-    chunk: int = 256,
+    batch_size: int = 16,
 ) -> None:
-    """Score a chat dataset once with a judge or a probe (batched, sorted by length, with progress).
+    """Score a dataset or a prompt list once with a judge, a probe or both; write each row's risk.
+
+    Chat data (rows with ``messages``, ``prompt`` + ``response`` or Alpaca's ``instruction`` + ``output``)
+    is scored per conversation; any other file is a prompt list: a text column (``--field``, default the
+    first of prompt, goal, instruction, question, text, sentence) of .jsonl/.json/.csv/.tsv/.parquet rows,
+    or a .txt file with one prompt per line.
 
     Args:
-        data: chat data (file or ``datasets`` name; messages, prompt/response or Alpaca rows).
+        data: chat data or prompts (file or ``datasets`` name).
         output: JSONL file: every row with its ``id`` and a ``risk`` column (fail-closed failures = 1).
         cache: risk cache JSON that ``JudgeRiskCallback``/``ActivationRiskCallback(cache_path=...)``
             then read instead of scoring again.
         judge: a Judge (``--judge EmbeddingJudge --judge.head ...`` or a class path).
         probe: folder of a saved activation probe (needs ``model``).
         model: the model the probe reads (name, folder, GGUF or alias).
-        include_response: judges see the request with the dataset's answer (default) or alone.
-        split, name, limit: which rows of ``data``.
-        chunk: examples per progress step.
+        combine: with both a judge and a probe, each row's risk is their ``max`` (MaxRisk) or ``mean``.
+        field: the text column of a prompt list; given, ``data`` is read as prompts even if it holds answers.
+        include_response: judges see the request with the dataset's answer (default) or alone; prompt
+            lists have no answers and are judged alone.
+        split, name, limit: which rows of ``data`` (``limit``: the first rows that hold a prompt).
+        batch_size: prompts per forward of the probe's model (a judge alone takes at least its own batch_size).
     """
     import torch
 
-    from lightning_safety.data.records import FieldMap, rows_to_records
-    from lightning_safety.data.sources import load_records
+    from lightning_safety.data.prompts import PromptSource, prompt_table, read_prompt_file
+    from lightning_safety.data.records import ChatRecord, check_ids, content_id, explicit_id, rows_to_records
     from lightning_safety.risk.cache import RiskCache
+    from lightning_safety.risk.compose import MaxRisk, MeanRisk
     from lightning_safety.risk.estimators import JudgeRisk, ProbeRisk, split_conversation
+    from lightning_safety.risk.scoring import score_prompts
 
-    if (judge is None) == (probe is None):
-        raise DataError("give exactly one of --judge or --probe")
+    if judge is None and probe is None:
+        raise DataError("give --judge, --probe (with --model), or both (combined by --combine max or mean)")
     if output is None and cache is None:
         raise DataError("nothing to write: give --output (a JSONL with a risk column) and/or --cache")
-    rows = load_records(data, split=split, name=name, limit=limit)
-    records = rows_to_records(rows, FieldMap())
-    pairs = [split_conversation(record.messages) for record in records]
-    requests = [request for request, _ in pairs]
-    failed = 0
-    if judge is not None:
-        estimator = JudgeRisk(judge, include_response)
-        responses = [response for _, response in pairs] if include_response else None
-        scores: list[float] = []
-        for start in _progress(range(0, len(records), chunk), len(records), chunk, "judge"):
-            part = judge.score(requests[start : start + chunk], None if responses is None else responses[start : start + chunk])
-            scores += part.score.tolist()
-        failed = judge.failures
+    if probe is not None and model is None:
+        raise DataError("--probe needs --model: the model whose activations the probe reads")
+    source = PromptSource(data, field=field, split=split, name=name, limit=limit)
+    rows = read_prompt_file(source)
+    if field is None and _is_chat(rows[0]):
+        rows = rows[:limit] if limit is not None else rows
+        records = rows_to_records(rows, FieldMap())
+        pairs = [split_conversation(record.messages) for record in records]
+        prompts, answers = [request for request, _ in pairs], [response for _, response in pairs]
+        ids, kind = [record.id for record in records], "conversations"
     else:
+        rows, column = prompt_table(source, rows)
+        prompts, answers, kind = [str(row[column]).strip() for row in rows], None, "prompts"
+        turns = [[{"role": "user", "content": prompt}] for prompt in prompts]
+        records = [ChatRecord(m, explicit_id(row) or content_id(m), i) for i, (row, m) in enumerate(zip(rows, turns))]
+        check_ids(records)  # one id on two different prompts would mix them up in a risk cache
+        ids = [record.id for record in records]
+    with_answers = include_response and answers is not None
+    estimators: list[Any] = []
+    network = tokenizer = None
+    if probe is not None:
         from lightning_safety.models import load_causal_lm, load_tokenizer
         from lightning_safety.risk.probe import ActivationProbe
 
-        if model is None:
-            raise DataError("--probe needs --model: the model whose activations the probe reads")
-        network = load_causal_lm(model)
-        loaded = ActivationProbe.load(probe, model=network)
-        estimator = ProbeRisk(loaded)
-        scores = loaded.score_prompts(network, load_tokenizer(model), requests, progress=True).tolist()
-    ids = [record.id for record in records]
+        network, tokenizer = load_causal_lm(model), load_tokenizer(model)
+        estimators.append(ProbeRisk(ActivationProbe.load(probe, model=network)))
+    if judge is not None:
+        estimators.append(JudgeRisk(judge, with_answers))
+    estimator = estimators[0] if len(estimators) == 1 else (MaxRisk if combine == "max" else MeanRisk)(*estimators)
+    failed_before = estimator.failures
+    scores = score_prompts(estimator, prompts, model=network, tokenizer=tokenizer, responses=answers if with_answers else None,
+                           batch_size=batch_size, progress=True).tolist()
+    failed = estimator.failures - failed_before
     if cache is not None:
         store = RiskCache(estimator.namespace, cache)
         store.update(ids, torch.tensor(scores))
@@ -218,8 +241,15 @@ def score(
     if output is not None:
         lines = [json.dumps({**row, "id": i, "risk": s}, ensure_ascii=False, default=str) for row, i, s in zip(rows, ids, scores)]
         atomic_write_text(Path(output), "\n".join(lines) + "\n")
-    print(f"scored {len(scores)} examples ({failed} failed and set to risk 1); mean risk "
+    print(f"scored {len(scores)} {kind} ({failed} failed and set to risk 1); mean risk "
           f"{sum(scores) / max(len(scores), 1):.4f}" + (f"; cache {cache}" if cache else "") + (f"; rows {output}" if output else ""))
+
+
+def _is_chat(row: dict[str, Any]) -> bool:
+    """Whether a row is a training conversation (its columns name an answer), not a bare prompt."""
+    fields = FieldMap()
+    return fields.messages in row or (fields.prompt in row and fields.response in row) or (
+        fields.instruction in row and fields.output in row)
 
 
 def evaluate(
@@ -329,18 +359,6 @@ def export(checkpoint: str, output: str, merge: bool = False) -> str:
     return str(target)
 
 
-def _progress(steps: range, total: int, chunk: int, desc: str):
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # tqdm comes with transformers, but stay usable without it
-        yield from steps
-        return
-    with tqdm(total=total, desc=desc, unit="ex") as bar:
-        for start in steps:
-            yield start
-            bar.update(min(chunk, total - start))
-
-
 COMMANDS = {"probe": {"fit": probe_fit, "sweep": probe_sweep}, "score": score, "evaluate": evaluate, "demo": demo,
             "export": export}
 
@@ -351,7 +369,11 @@ def run_command(args: Sequence[str]) -> Any:
 
     from lightning_safety.cli_help import PROG
 
-    return CLI(COMMANDS, args=list(args), as_positional=False, prog=PROG)
+    args = list(args)
+    if args[:1] == ["score"] and any(arg.startswith("--data.") for arg in args):  # jsonargparse: "Expected a str"
+        raise DataError("score takes --data PATH (a string) and --field NAME for a prompt list's text column "
+                        "(e.g. --data advbench.csv --field Goal), not --data.fields.*")
+    return CLI(COMMANDS, args=args, as_positional=False, prog=PROG)
 
 
 def is_command(args: Sequence[str]) -> bool:

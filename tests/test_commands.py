@@ -103,5 +103,6 @@ def test_score_with_neither_judge_nor_probe_is_a_one_line_error(tmp_path):
         capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)}, timeout=300,
     )
     assert result.returncode == 2
-    assert result.stderr.strip().splitlines()[-1] == "error: give exactly one of --judge or --probe"
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: give --judge, --probe (with --model), or both (combined by --combine max or mean)")
     assert not (tmp_path / "x.jsonl").exists()

@@ -126,7 +126,8 @@ def _text(row: Mapping[str, Any], key: str | None) -> str:
     return value if isinstance(value, str) else str(value)
 
 
-def _explicit_id(row: Mapping[str, Any], fields: FieldMap) -> str | None:
+def explicit_id(row: Mapping[str, Any], fields: FieldMap = FieldMap()) -> str | None:
+    """The row's own id (``fields.id``) as a string, or None when it has none (then a content hash is used)."""
     if not _present(row, fields.id):
         return None
     value = row[fields.id]
@@ -206,7 +207,7 @@ def row_messages(
         system_prompt: System prompt added when the conversation has none of its own.
         index: Position of the row in its source, used in error messages.
     """
-    row_id = _explicit_id(row, fields)
+    row_id = explicit_id(row, fields)
     if _present(row, fields.messages):
         messages = _parse_messages(row[fields.messages], index, row_id, fields.messages)
         if not any(m["role"] == "assistant" and m["content"].strip() for m in messages):
@@ -288,7 +289,7 @@ def row_to_record(
     if not isinstance(row, Mapping):
         raise DataError(f"row {index} is a {type(row).__name__}, not a dict; give rows as dicts of fields")
     messages = row_messages(row, fields, system_prompt=system_prompt, index=index)
-    row_id = _explicit_id(row, fields) or content_id(messages)
+    row_id = explicit_id(row, fields) or content_id(messages)
     where = describe_row(index, row_id)
     # NaN is an error here, not a blank: file loaders turn blank cells into None, not NaN.
     risk = parse_risk(row.get(fields.risk), where, fields.risk)

@@ -5,6 +5,7 @@
   classifier, sentence-embedding, HTTP endpoint), failing closed.
 * :mod:`~lightning_safety.risk.calibration`: thresholds with a stated recall guarantee.
 * :mod:`~lightning_safety.risk.cache`: each example scored once per run.
+* :mod:`~lightning_safety.risk.scoring`: :func:`score_prompts`, any estimator on a list of prompts.
 """
 
 from lightning_safety.risk.base import RISK_FIELD, ConstantRisk, FieldRisk, RiskEstimator, check_risk
@@ -22,6 +23,7 @@ from lightning_safety.risk.judges import (
     RubricJudge,
 )
 from lightning_safety.risk.probe import ActivationProbe, fit_probe, sweep
+from lightning_safety.risk.scoring import score_prompts
 
 __all__ = [
     "RISK_FIELD",
@@ -46,6 +48,7 @@ __all__ = [
     "check_risk",
     "find_causal_lm",
     "fit_probe",
+    "score_prompts",
     "split_conversation",
     "sweep",
 ]

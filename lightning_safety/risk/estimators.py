@@ -170,7 +170,8 @@ class JudgeRisk(RiskEstimator):
     Args:
         judge: any :class:`~lightning_safety.risk.judges.Judge`.
         include_response: judge the request together with the dataset's answer (the paper's
-            Safety Critic) or the request alone.
+            Safety Critic) or the request alone. A batch of prompts without answers (no assistant
+            turn, as :func:`~lightning_safety.risk.scoring.score_prompts` builds) is judged request alone.
     """
 
     cacheable = True
@@ -197,6 +198,7 @@ class JudgeRisk(RiskEstimator):
             )
         pairs = [split_conversation(messages) for messages in batch["messages"]]
         requests = [request for request, _ in pairs]
-        responses = [response for _, response in pairs] if self.include_response else None
+        answered = any(m["role"] == "assistant" for messages in batch["messages"] for m in messages)
+        responses = [response for _, response in pairs] if self.include_response and answered else None
         return self.judge.score(requests, responses).score.to(batch["input_ids"].device)
 
