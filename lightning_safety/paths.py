@@ -69,6 +69,32 @@ def atomic_directory(target: Path) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def replacing_directory(target: Path) -> Iterator[Path]:
+    """Yield a fresh path beside ``target`` to write a folder at; when the block completes, that folder
+    takes ``target``'s place (an existing ``target`` is set aside, replaced and then removed).
+
+    A crash or an exception inside the block leaves ``target`` as it was and nothing else behind;
+    a crash between the two renames leaves the old folder as ``.NAME.old-PID`` beside it, never a mix
+    of old and new files.
+    """
+    target = Path(target)
+    staging = target.with_name(f".{target.name}.new-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        yield staging
+        if target.exists():
+            old = target.with_name(f".{target.name}.old-{os.getpid()}")
+            os.rename(target, old)
+            os.rename(staging, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(staging, target)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+
+
 def save_pretrained_here(model: Any, folder: Path) -> None:
     """``model.save_pretrained(folder)`` that writes the weights in this process, whatever its rank.
 
