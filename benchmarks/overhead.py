@@ -50,30 +50,25 @@ Run it on an otherwise idle machine: other jobs skew both the timings and the RS
 from __future__ import annotations
 
 import argparse
-import datetime
 import gc
 import json
-import os
-import platform
-import resource
 import statistics
-import subprocess
 import sys
-import time
-import warnings
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-TRAIN_CONFIGS = ("sft", "adaptive_all", "adaptive_25")
+from steptime import (TRAIN_CONFIGS, LoraSetup, add_run_arguments, build_lora_setup, check_run_arguments,
+                      counting_reference_rows, environment_text, measure_peak, memory_measure_note, mib_text,
+                      pick_device, prepare_process, risky_row_count, run_interleaved, run_memory_worker, seconds_text,
+                      train_step, unique_storage_bytes)
+
 _RESULT_PREFIX = "OVERHEAD_MEMORY_RESULT "
 _MEMORY_STEPS = 2
-_MiB = 1024 * 1024
 
 
 # ----------------------------------------------------------------------------------- arguments
@@ -91,21 +86,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=7, help="timed repetitions of every configuration")
     parser.add_argument("--warmup", type=int, default=1, help="untimed rounds before the timed ones")
     parser.add_argument("--chunk-size", type=int, default=None, help="SafeFineTuning(chunk_size=...)")
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: leave)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--cache", default=None, help="set LIGHTNING_SAFETY_CACHE (default: the library's)")
     parser.add_argument("--out", type=Path, default=None, help="also write the markdown here")
-    parser.add_argument(
-        "--memory", action=argparse.BooleanOptionalAction, default=True, help="measure peak memory in subprocesses"
-    )
-    parser.add_argument("--memory-worker", choices=TRAIN_CONFIGS, default=None, help=argparse.SUPPRESS)
+    add_run_arguments(parser, TRAIN_CONFIGS)
     args = parser.parse_args(argv)
-    if args.batch_size < 1 or args.repeats < 1 or args.warmup < 0 or args.lora_r < 1:
-        parser.error("--batch-size, --repeats and --lora-r must be >= 1, --warmup >= 0")
-    if not 0 <= args.prompt_len < args.seq_len - 1:
-        parser.error("--prompt-len must leave at least 2 response tokens: 0 <= prompt-len < seq-len - 1")
-    if args.threads is not None and args.threads < 1:
-        parser.error("--threads must be >= 1")
+    check_run_arguments(parser, args)
     return args
 
 
@@ -130,78 +114,19 @@ def worker_argv(args: argparse.Namespace, config: str) -> list[str]:
 
 
 # ----------------------------------------------------------------------------------- setup
-def pick_device() -> torch.device:
-    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-@dataclass
-class Setup:
-    module: Any  # SafeFineTuning (imported lazily, after --cache is applied)
-    optimizer: torch.optim.Optimizer
-    batches: dict[str, dict[str, Tensor]]  # one batch per training configuration
-    schedules: dict[str, Any]  # one RiskSchedule per training configuration
-    risky_rows: Tensor  # [B/4] rows with risk 1 in ``adaptive_25``
-    device: torch.device
-
-
-def build_setup(args: argparse.Namespace, device: torch.device) -> Setup:
+def build_setup(args: argparse.Namespace, device: torch.device) -> LoraSetup:
     """One LoRA module with AdamW, and the fixed batch with each configuration's risk."""
-    from lightning_safety.losses import ConstantBeta, LinearRiskSchedule, ThresholdRiskSchedule
-    from lightning_safety.models import LoraSettings
-    from lightning_safety.module import SafeFineTuning
-
-    torch.manual_seed(args.seed)  # LoRA initialisation
-    module = SafeFineTuning(
+    return build_lora_setup(
         args.model,
+        device=device,
+        batch_size=args.batch_size,
+        seq_len=args.seq_len,
+        prompt_len=args.prompt_len,
+        lora_r=args.lora_r,
+        seed=args.seed,
         dtype=args.dtype,
-        lora=LoraSettings(r=args.lora_r, dropout=0.0),
-        reference="adapter_disabled",
         chunk_size=args.chunk_size,
-        optimizer=torch.optim.AdamW,
     )
-    module.configure_model()
-    module.to(device)
-    module.train()
-    optimizer = module.configure_optimizers()
-    assert isinstance(optimizer, torch.optim.Optimizer)
-
-    size, length = args.batch_size, args.seq_len
-    generator = torch.Generator().manual_seed(args.seed)
-    vocab = int(module.policy.get_output_embeddings().weight.shape[0])
-    input_ids = torch.randint(0, vocab, (size, length), generator=generator)
-    labels = input_ids.clone()
-    labels[:, : args.prompt_len] = -100
-    base = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": labels}
-
-    risky = risky_row_count(size)
-    risky_rows = torch.randperm(size, generator=generator)[:risky].sort().values
-    quarter_risk = torch.zeros(size)
-    quarter_risk[risky_rows] = 1.0
-    risks = {
-        "sft": None,  # plain SFT: ConstantBeta needs no risk column
-        "adaptive_all": torch.rand(size, generator=generator),
-        "adaptive_25": quarter_risk,
-    }
-    batches = {}
-    for name, risk in risks.items():
-        batch = dict(base) if risk is None else {**base, "risk": risk}
-        batches[name] = {key: value.to(device) for key, value in batch.items()}
-    schedules = {
-        "sft": ConstantBeta(0.0),
-        "adaptive_all": LinearRiskSchedule(0.1, 0.9),
-        "adaptive_25": ThresholdRiskSchedule(threshold=0.5, beta_low=0.0, beta_high=0.9),
-    }
-    return Setup(module, optimizer, batches, schedules, risky_rows.to(device), device)
-
-
-def risky_row_count(batch_size: int) -> int:
-    """Rows at risk 1 in ``adaptive_25``: a quarter of the batch, at least one."""
-    return max(1, round(batch_size / 4))
 
 
 def _expected_rows_per_step(args: argparse.Namespace, config: str) -> int:
@@ -209,16 +134,7 @@ def _expected_rows_per_step(args: argparse.Namespace, config: str) -> int:
 
 
 # ----------------------------------------------------------------------------------- one step
-def train_step(setup: Setup, config: str) -> None:
-    """training_step -> backward -> optimizer step, with ``config``'s schedule and risk."""
-    setup.module.schedule = setup.schedules[config]
-    loss = setup.module.training_step(setup.batches[config], 0)["loss"]
-    loss.backward()
-    setup.optimizer.step()
-    setup.optimizer.zero_grad(set_to_none=True)
-
-
-def reference_forward(setup: Setup, rows: Tensor | None) -> None:
+def reference_forward(setup: LoraSetup, rows: Tensor | None) -> None:
     """The frozen reference's forward alone (no_grad, adapter off), on all rows or ``rows``."""
     from lightning_safety.losses import ProjectedLogits
     from lightning_safety.models import reference_logits
@@ -242,7 +158,7 @@ def reference_forward(setup: Setup, rows: Tensor | None) -> None:
         logits.materialize()
 
 
-def timing_actions(setup: Setup) -> dict[str, Callable[[], None]]:
+def timing_actions(setup: LoraSetup) -> dict[str, Callable[[], None]]:
     return {
         "sft": lambda: train_step(setup, "sft"),
         "adaptive_all": lambda: train_step(setup, "adaptive_all"),
@@ -250,33 +166,6 @@ def timing_actions(setup: Setup) -> dict[str, Callable[[], None]]:
         "ref_all": lambda: reference_forward(setup, None),
         "ref_25": lambda: reference_forward(setup, setup.risky_rows),
     }
-
-
-@contextmanager
-def counting_reference_rows() -> Iterator[list[int]]:
-    """Record the batch size of every reference forward that ``SafeFineTuning`` makes."""
-    import lightning_safety.module as module_lib
-
-    rows: list[int] = []
-    original = module_lib.reference_logits
-
-    def counting(strategy: str, policy: nn.Module, reference: nn.Module | None, input_ids: Tensor, attention_mask: Tensor | None, **kwargs) -> Tensor:
-        rows.append(int(input_ids.shape[0]))
-        return original(strategy, policy, reference, input_ids, attention_mask, **kwargs)
-
-    module_lib.reference_logits = counting
-    try:
-        yield rows
-    finally:
-        module_lib.reference_logits = original
-
-
-def timed(action: Callable[[], None], device: torch.device) -> float:
-    synchronize(device)
-    start = time.perf_counter()
-    action()
-    synchronize(device)
-    return time.perf_counter() - start
 
 
 # ----------------------------------------------------------------------------------- timings
@@ -290,23 +179,22 @@ class TimingResult:
         return statistics.median(self.times[name])
 
 
-def run_timings(args: argparse.Namespace, setup: Setup) -> TimingResult:
+def run_timings(args: argparse.Namespace, setup: LoraSetup) -> TimingResult:
     actions = timing_actions(setup)
-    names = list(actions)
-    times: dict[str, list[float]] = {name: [] for name in names}
     counted: dict[str, list[int]] = {name: [] for name in TRAIN_CONFIGS}
     with counting_reference_rows() as rows:
-        for round_index in range(args.warmup + args.repeats):
-            shift = round_index % len(names)
-            for name in names[shift:] + names[:shift]:  # rotating order
+
+        def counting(name: str, action: Callable[[], None]) -> Callable[[], None]:
+            def run() -> None:
                 before = len(rows)
-                seconds = timed(actions[name], setup.device)
-                if name in counted:
-                    counted[name].append(sum(rows[before:]))
-                if round_index >= args.warmup:
-                    times[name].append(seconds)
-            progress = "warm-up" if round_index < args.warmup else f"repeat {round_index - args.warmup + 1}/{args.repeats}"
-            print(f"[overhead] {progress} done", file=sys.stderr, flush=True)
+                action()
+                counted[name].append(sum(rows[before:]))
+
+            return run
+
+        for name in TRAIN_CONFIGS:
+            actions[name] = counting(name, actions[name])
+        times = run_interleaved(actions, warmup=args.warmup, repeats=args.repeats, device=setup.device, tag="overhead")
     return TimingResult(
         times=times,
         reference_rows={name: statistics.fmean(values) for name, values in counted.items()},
@@ -315,15 +203,6 @@ def run_timings(args: argparse.Namespace, setup: Setup) -> TimingResult:
 
 
 # ----------------------------------------------------------------------------------- weights
-def unique_storage_bytes(tensors: Iterable[Tensor]) -> int:
-    """Bytes of the distinct storages behind ``tensors`` (tied or shared weights count once)."""
-    storages: dict[int, int] = {}
-    for tensor in tensors:
-        storage = tensor.untyped_storage()
-        storages[storage.data_ptr()] = storage.nbytes()
-    return sum(storages.values())
-
-
 @dataclass
 class WeightBytes:
     module: int  # unique parameter storages of the SafeFineTuning module
@@ -337,7 +216,7 @@ class WeightBytes:
         return not self.separate_reference and self.module - self.bare == self.lora
 
 
-def weight_bytes(args: argparse.Namespace, setup: Setup) -> WeightBytes:
+def weight_bytes(args: argparse.Namespace, setup: LoraSetup) -> WeightBytes:
     from lightning_safety.models import load_causal_lm
 
     module = setup.module
@@ -355,100 +234,21 @@ def weight_bytes(args: argparse.Namespace, setup: Setup) -> WeightBytes:
 
 
 # ----------------------------------------------------------------------------------- memory
-def _reset_rss_high_water_mark() -> bool:
-    """Set the process's peak RSS to its current RSS (Linux >= 4.0); False where not possible."""
-    try:
-        with open("/proc/self/clear_refs", "w") as handle:
-            handle.write("5")
-    except OSError:
-        return False
-    return True
-
-
-def _status_bytes(field: str) -> int | None:
-    """A ``kB`` field of ``/proc/self/status`` (``VmRSS``, ``VmHWM``) in bytes; None off Linux."""
-    try:
-        with open("/proc/self/status") as handle:
-            for line in handle:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
-def _peak_rss_bytes() -> tuple[int, str]:
-    """The process's peak RSS and where it was read.
-
-    ``VmHWM`` is the address space's high-water mark, the value ``ru_maxrss`` reports for a live
-    process, and the one ``clear_refs`` resets; ``ru_maxrss`` itself also keeps the mark of
-    threads that exited earlier (e.g. a weight-loading thread pool), so it is only the fallback.
-    """
-    peak = _status_bytes("VmHWM")
-    if peak is not None:
-        return peak, "VmHWM"
-    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return (maxrss * 1024 if sys.platform.startswith("linux") else maxrss), "ru_maxrss"  # KiB on Linux
-
-
-@torch.no_grad()
-def _page_in(module: nn.Module) -> None:
-    """Read every weight once: safetensors weights are memory-mapped and become resident (and
-    count in RSS) only when first touched, which would otherwise land in the first step."""
-    for tensor in [*module.parameters(), *module.buffers()]:
-        tensor.sum()
-
-
 def memory_worker(args: argparse.Namespace) -> dict[str, Any]:
     """In a fresh process: set up, reset the peak, warm up, run 2 steps; baseline and peak in bytes."""
     device = pick_device()
     setup = build_setup(args, device)
     config = args.memory_worker
-    gc.collect()
-    synchronize(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        baseline = torch.cuda.memory_allocated(device)
-        reset = True
-    else:
-        _page_in(setup.module)
-        gc.collect()
-        reset = _reset_rss_high_water_mark()
-        baseline = _status_bytes("VmRSS") or 0
     with counting_reference_rows() as rows:
-        for _ in range(args.warmup + _MEMORY_STEPS):
-            train_step(setup, config)
-    synchronize(device)
-    if device.type == "cuda":
-        peak, source = torch.cuda.max_memory_allocated(device), "max_memory_allocated"
-    else:
-        peak, source = _peak_rss_bytes()
-    return {
-        "config": config,
-        "device": device.type,
-        "baseline": baseline,
-        "peak": peak,
-        "peak_source": source,
-        "peak_reset": reset,
-        "steps": args.warmup + _MEMORY_STEPS,
-        "reference_rows": sum(rows),
-    }
+        measured = measure_peak(device, [setup.module], lambda: train_step(setup, config), args.warmup + _MEMORY_STEPS)
+    return {"config": config, **measured, "reference_rows": sum(rows)}
 
 
 def run_memory(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     results: dict[str, dict[str, Any]] = {}
     for config in TRAIN_CONFIGS:
         print(f"[overhead] memory: {config} in a fresh process", file=sys.stderr, flush=True)
-        # glibc serves allocations below its (adaptive, up to 32 MiB) mmap threshold from the heap
-        # and keeps freed heap pages, so RSS would also count memory that is free again. A fixed
-        # 64 KiB threshold sends every tensor-sized block to mmap: RSS then follows live memory.
-        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": os.environ.get("MALLOC_MMAP_THRESHOLD_", "65536")}
-        done = subprocess.run(worker_argv(args, config), capture_output=True, text=True, check=False, env=env)
-        lines = [line for line in done.stdout.splitlines() if line.startswith(_RESULT_PREFIX)]
-        if done.returncode != 0 or not lines:
-            sys.stderr.write(done.stderr[-4000:])
-            raise RuntimeError(f"memory worker '{config}' failed (exit code {done.returncode})")
-        result = json.loads(lines[-1][len(_RESULT_PREFIX) :])
+        result = run_memory_worker(worker_argv(args, config), _RESULT_PREFIX, config)
         expected = _expected_rows_per_step(args, config) * result["steps"]
         if result["reference_rows"] != expected:
             raise RuntimeError(
@@ -459,36 +259,17 @@ def run_memory(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
 
 
 # ----------------------------------------------------------------------------------- report
-def _seconds(value: float) -> str:
-    return f"{value:.4f}" if value < 10 else f"{value:.2f}"
-
-
-def _mib(value: float) -> str:
-    return f"{value / _MiB:.1f}"
-
-
-def environment_line(args: argparse.Namespace, setup: Setup) -> str:
-    import peft
-    import transformers
-
-    device = setup.device
-    if device.type == "cuda":
-        where = f"cuda ({torch.cuda.get_device_name(device)})"
-    else:
-        where = f"cpu ({platform.machine()}, {os.cpu_count()} cores)"
-    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+def environment_line(args: argparse.Namespace, setup: LoraSetup) -> str:
     dtype = next(setup.module.policy.parameters()).dtype
     return (
         f"model `{args.model}` ({str(dtype).removeprefix('torch.')}), B x T = {args.batch_size} x {args.seq_len} "
         f"({args.seq_len - args.prompt_len} response tokens per row), LoRA r={args.lora_r} all-linear, "
-        f"chunk_size={args.chunk_size}; device {where}, torch threads {torch.get_num_threads()}; "
-        f"torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}, "
-        f"python {platform.python_version()}; {date}; {args.repeats} interleaved repeats after "
+        f"chunk_size={args.chunk_size}; {environment_text(setup.device)}; {args.repeats} interleaved repeats after "
         f"{args.warmup} warm-up round(s)"
     )
 
 
-def timing_table(result: TimingResult, setup: Setup) -> list[str]:
+def timing_table(result: TimingResult, setup: LoraSetup) -> list[str]:
     size = int(setup.batches["sft"]["input_ids"].shape[0])
     risky = int(setup.risky_rows.numel())
     labels = {
@@ -509,8 +290,8 @@ def timing_table(result: TimingResult, setup: Setup) -> list[str]:
         counted, expected = result.reference_rows[name], result.expected_rows[name]
         rows = f"{counted:g}" if counted == expected else f"{counted:g} (expected {expected}!)"
         lines.append(
-            f"| `{name}`: {labels[name]} | {rows} | {_seconds(median)} | {_seconds(min(result.times[name]))} - "
-            f"{_seconds(max(result.times[name]))} | {median / sft:.3f} | {_seconds(limit)} | {median / limit:.3f} |"
+            f"| `{name}`: {labels[name]} | {rows} | {seconds_text(median)} | {seconds_text(min(result.times[name]))} - "
+            f"{seconds_text(max(result.times[name]))} | {median / sft:.3f} | {seconds_text(limit)} | {median / limit:.3f} |"
         )
     lines += [
         "",
@@ -520,8 +301,8 @@ def timing_table(result: TimingResult, setup: Setup) -> list[str]:
     for name, rows_count in (("ref_all", size), ("ref_25", risky)):
         median = result.median(name)
         lines.append(
-            f"| `{name}` | {rows_count} | {_seconds(median)} | {_seconds(min(result.times[name]))} - "
-            f"{_seconds(max(result.times[name]))} | {median / sft:.3f} |"
+            f"| `{name}` | {rows_count} | {seconds_text(median)} | {seconds_text(min(result.times[name]))} - "
+            f"{seconds_text(max(result.times[name]))} | {median / sft:.3f} |"
         )
     return lines
 
@@ -539,7 +320,7 @@ def memory_table(memory: Mapping[str, Mapping[str, Any]]) -> list[str]:
         working = entry["peak"] - entry["baseline"]
         working_ratio = f"{working / sft_working:.3f}" if sft_working > 0 else "n/a"
         lines.append(
-            f"| `{name}` | {_mib(entry['baseline'])} | {_mib(entry['peak'])} | {_mib(working)} "
+            f"| `{name}` | {mib_text(entry['baseline'])} | {mib_text(entry['peak'])} | {mib_text(working)} "
             f"| {entry['peak'] / sft['peak']:.3f} | {working_ratio} |"
         )
     return lines
@@ -551,10 +332,10 @@ def weights_table(weights: WeightBytes) -> list[str]:
     return [
         "| Weights (unique parameter storages) | MiB | Bytes |",
         "|---|---:|---:|",
-        f"| bare base model, loaded alone | {_mib(weights.bare)} | {weights.bare} |",
-        f"| `SafeFineTuning` module (reference `{weights.reference_strategy}`) | {_mib(weights.module)} | {weights.module} |",
-        f"| module - bare | {_mib(extra)} | {extra} |",
-        f"| LoRA (trainable) parameters | {_mib(weights.lora)} | {weights.lora} |",
+        f"| bare base model, loaded alone | {mib_text(weights.bare)} | {weights.bare} |",
+        f"| `SafeFineTuning` module (reference `{weights.reference_strategy}`) | {mib_text(weights.module)} | {weights.module} |",
+        f"| module - bare | {mib_text(extra)} | {extra} |",
+        f"| LoRA (trainable) parameters | {mib_text(weights.lora)} | {weights.lora} |",
         "",
         f"No second copy of the weights (module - bare == LoRA bytes, no reference module of its own): {verdict}.",
     ]
@@ -562,7 +343,7 @@ def weights_table(weights: WeightBytes) -> list[str]:
 
 def render(
     args: argparse.Namespace,
-    setup: Setup,
+    setup: LoraSetup,
     timings: TimingResult,
     weights: WeightBytes,
     memory: Mapping[str, Mapping[str, Any]] | None,
@@ -596,27 +377,7 @@ def render(
         "repetitions, equally for every configuration."
     )
     if memory is not None:
-        device = memory["sft"]["device"]
-        if device == "cuda":
-            measure = (
-                "`torch.cuda.max_memory_allocated` after `reset_peak_memory_stats` once set up; baseline "
-                "= `torch.cuda.memory_allocated` then (weights, optimizer, batch)"
-            )
-        elif all(entry["peak_reset"] and entry["peak_source"] == "VmHWM" for entry in memory.values()):
-            measure = (
-                "process peak RSS (`VmHWM` in /proc/self/status, the high-water mark `getrusage().ru_maxrss` "
-                "reports) after every weight was read once (the safetensors weights are memory-mapped and "
-                "only become resident when touched) and the mark was reset to the RSS then "
-                "(`/proc/self/clear_refs`), so model loading does not count; baseline = RSS then (`VmRSS`: "
-                "weights, batch; AdamW state is created in the first step). The workers run with "
-                f"`MALLOC_MMAP_THRESHOLD_={os.environ.get('MALLOC_MMAP_THRESHOLD_', '65536')}`, so that freed "
-                "tensor memory leaves the process and RSS follows live memory; differences of a few MiB are noise"
-            )
-        else:
-            measure = (
-                "process peak RSS (`getrusage(RUSAGE_SELF).ru_maxrss`) **including model loading** (the "
-                "high-water mark could not be reset); baseline = RSS once set up"
-            )
+        measure = memory_measure_note(memory.values())
         ratio = memory["adaptive_all"]["peak"] / memory["sft"]["peak"]
         target = "met" if ratio <= 1.05 else "**not met**"
         lines.append(f"* Memory measure: {measure}.")
@@ -627,15 +388,7 @@ def render(
 # ----------------------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.cache is not None:
-        os.environ["LIGHTNING_SAFETY_CACHE"] = str(Path(args.cache).expanduser())  # workers inherit it
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    # SafeFineTuning.training_step logs; outside a Trainer, Lightning warns and ignores it.
-    warnings.filterwarnings("ignore", message=r".*self\.log\(\)")
-    from transformers.utils import logging as transformers_logging
-
-    transformers_logging.disable_progress_bar()
+    prepare_process(args.cache, args.threads)
 
     if args.memory_worker is not None:
         print(_RESULT_PREFIX + json.dumps(memory_worker(args)), flush=True)
