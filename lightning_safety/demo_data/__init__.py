@@ -8,6 +8,11 @@ outside the package; the replication benchmark uses ``borderline`` in its alignm
 ``topic_pairs`` (240 pairs, 20 per harm category) holds a harmful request and a benign request
 about the same subject in similar words: hard negatives for risk estimators
 (:func:`load_topic_pairs`).
+
+:func:`default_estimator_data` is the training mix for a risk estimator (activation probe or
+judge) built from these sets: the harmful requests plus the pairs' harmful sides against the benign
+instructions plus the pairs' benign sides and the borderline prompts (hard negatives). It separates
+same-topic requests better than harmful vs benign alone (``benchmarks/estimators.py``).
 """
 
 from __future__ import annotations
@@ -23,8 +28,8 @@ DEMO_DATA = Path(__file__).resolve().parent
 DEMO_SETS = ("harmful", "benign", "borderline", "sentiment")
 PAIR_SET = "topic_pairs"
 
-__all__ = ["DEMO_DATA", "DEMO_SETS", "PAIR_SET", "demo_data_path", "load_demo_prompts", "load_demo_rows",
-           "load_topic_pairs"]
+__all__ = ["DEMO_DATA", "DEMO_SETS", "PAIR_SET", "default_estimator_data", "demo_data_path", "harm_categories",
+           "load_demo_prompts", "load_demo_rows", "load_topic_pairs"]
 
 
 def demo_data_path(name: str) -> Path:
@@ -56,8 +61,87 @@ def load_topic_pairs(categories: Sequence[str] | None = None) -> list[dict[str, 
     """
     rows = load_demo_rows(PAIR_SET)
     if categories is not None:
-        unknown = sorted(set(categories) - {row["category"] for row in rows})
-        if unknown:
-            raise DataError(f"unknown categories {unknown}: use those of harmful.jsonl")
+        _check_categories(categories)
         rows = [row for row in rows if row["category"] in set(categories)]
     return rows
+
+
+def harm_categories() -> list[str]:
+    """The 12 harm categories of ``harmful.jsonl`` (and of the topic pairs), in file order."""
+    return list(dict.fromkeys(row["category"] for row in load_demo_rows("harmful")))
+
+
+def _check_categories(categories: Sequence[str]) -> None:
+    unknown = sorted(set(categories) - set(harm_categories()))
+    if unknown:
+        raise DataError(f"unknown categories {unknown}: use those of harmful.jsonl ({', '.join(harm_categories())})")
+
+
+def default_estimator_data(
+    harmful: Sequence[str] | None = None,
+    benign: Sequence[str] | None = None,
+    borderline: Sequence[str] | None = None,
+    *,
+    pairs: int | None = None,
+    exclude_categories: Sequence[str] = (),
+) -> tuple[list[str], list[str]]:
+    """(harmful, benign) prompts to train a risk estimator (probe or judge) on, hard negatives included.
+
+    harmful = ``harmful`` + the harmful side of the topic pairs; benign = ``benign`` + the benign
+    side of the same pairs + ``borderline``. The pairs teach the estimator what is asked rather
+    than which words or topic appear: on categories it never saw, a probe trained on this mix
+    separates same-topic requests far better than one trained on harmful vs benign alone
+    (``benchmarks/results/estimators.md``).
+
+    Args:
+        harmful: harmful requests (default: the package's ``harmful`` set).
+        benign: benign requests (default: the package's ``benign`` set), e.g. with a few rows of
+            the task you fine-tune on added (a probe that never saw the task's format flags it).
+        borderline: safe prompts that sound alarming (default: the package's ``borderline`` set;
+            ``[]`` for none).
+        pairs: use the first ``pairs`` topic pairs (after the category filter; the file cycles
+            through the categories, so a prefix covers all of them); None: all, 0: none.
+        exclude_categories: harm categories to hold out entirely: their pairs (both sides) and,
+            when ``harmful`` is the package's set, their harmful requests.
+
+    Returns:
+        Two disjoint lists without repeats, in the order harmful/benign set, then pair sides
+        (then borderline).
+
+    Raises:
+        DataError: an unknown category, a negative ``pairs``, an empty side, or a prompt given
+            as both harmful and benign.
+    """
+    _check_categories(exclude_categories)
+    if pairs is not None and pairs < 0:
+        raise DataError(f"pairs={pairs} is invalid: give a number of topic pairs >= 0, or None for all")
+    held = set(exclude_categories)
+    if harmful is None:
+        harmful = [row["prompt"] for row in load_demo_rows("harmful") if row["category"] not in held]
+    kept = [row for row in load_topic_pairs() if row["category"] not in held]
+    kept = kept if pairs is None else kept[:pairs]
+    harmful_out = _distinct([*harmful, *(row["harmful"] for row in kept)])
+    benign_out = _distinct([
+        *(load_demo_prompts("benign") if benign is None else benign),
+        *(row["benign"] for row in kept),
+        *(load_demo_prompts("borderline") if borderline is None else borderline),
+    ])
+    both = {p.lower() for p in harmful_out} & {p.lower() for p in benign_out}
+    if both:
+        raise DataError(f"{len(both)} prompt(s) given as both harmful and benign, e.g. {sorted(both)[0]!r}: "
+                        "remove them from one side")
+    if not harmful_out or not benign_out:
+        raise DataError(f"the estimator mix has {len(harmful_out)} harmful and {len(benign_out)} benign prompts: "
+                        "give prompts on both sides")
+    return harmful_out, benign_out
+
+
+def _distinct(prompts: Sequence[str]) -> list[str]:
+    """Stripped, non-empty prompts, the first of each case-insensitive repeat kept."""
+    seen: set[str] = set()
+    out = []
+    for prompt in (p.strip() for p in prompts):
+        if prompt and prompt.lower() not in seen:
+            seen.add(prompt.lower())
+            out.append(prompt)
+    return out

@@ -4,7 +4,9 @@
    safe by a quick refusal SFT (:mod:`lightning_safety.alignment`, the stand-in for a vendor's
    safety training), cached and reused by later runs.
 2. **Probe.** An activation probe on the aligned model, trained on the defender's harmful and
-   benign requests plus a few rows of the benign task (neither trained nor evaluated on).
+   benign requests, the package's topic-matched pairs (harmful side as harmful, benign side as a
+   hard negative), the defender's borderline-safe prompts and a few rows of the benign task (neither
+   trained nor evaluated on): :func:`lightning_safety.demo_data.default_estimator_data`.
 3. **Attack.** A benign task (sentiment) with harmful rows mixed in, whose answers are written now
    by the *unaligned* model (cached locally; nothing harmful ships with the package).
 4. **Fine-tuning** of the aligned model on the attack, once with plain SFT and once with adaptive
@@ -36,7 +38,7 @@ __all__ = ["DemoSizes", "demo"]
 @dataclass(frozen=True)
 class DemoSizes:
     """How many prompts each part gets (the built-in sets hold 120 harmful, 120 benign, 96
-    borderline and 240 task rows)."""
+    borderline and 240 task rows, and 240 topic-matched pairs)."""
 
     defender_harmful: int = 50
     attack_harmful: int = 35
@@ -48,10 +50,11 @@ class DemoSizes:
     task_train: int = 120
     task_eval: int = 80
     task_probe: int = 40
+    probe_pairs: int = 240
 
 
 QUICK_SIZES = DemoSizes(defender_harmful=16, attack_harmful=12, test_harmful=12, defender_benign=16, probe_benign=16,
-                        borderline_align=8, borderline_eval=8, task_train=24, task_eval=16, task_probe=8)
+                        borderline_align=8, borderline_eval=8, task_train=24, task_eval=16, task_probe=8, probe_pairs=24)
 
 
 def _take(items: list[Any], start: int, count: int, what: str) -> list[Any]:
@@ -131,7 +134,7 @@ def demo(
         The measured rates by model (``aligned``, ``sft``, ``adaptive``).
     """
     from lightning_safety.alignment import AlignmentSettings, build_aligned_reference
-    from lightning_safety.demo_data import load_demo_prompts
+    from lightning_safety.demo_data import default_estimator_data, load_demo_prompts
     from lightning_safety.evaluation.generation import GenerationSettings
     from lightning_safety.evaluation.runner import SafetyEvaluator
     from lightning_safety.experiments.attack import compliant_answers, mix_attack, row_id
@@ -190,10 +193,14 @@ def demo(
     # 2. The probe, on the defender's prompts only. Its benign side includes a few rows of the benign
     # task (disjoint from the task's training and evaluation rows): the defender knows the task it
     # fine-tunes on, and a probe that never saw the task's format flagged every task row of the
-    # demo (FPR 100% with benign instructions alone, ~1% with 40 task rows added).
-    print(f"[2/5] activation probe on the aligned model (layer {probe_layer}, mean pooling, logistic)")
+    # demo (FPR 100% with benign instructions alone, ~1% with 40 task rows added). The topic pairs
+    # and borderline prompts teach it intent rather than topic (benchmarks/results/estimators.md).
+    probe_harmful, probe_negatives = default_estimator_data(
+        defender_harmful, probe_benign + task_probe, borderline_align, pairs=sizes.probe_pairs)
+    print(f"[2/5] activation probe on the aligned model (layer {probe_layer}, mean pooling, logistic; "
+          f"{len(probe_harmful)} harmful vs {len(probe_negatives)} benign prompts, {sizes.probe_pairs} topic pairs)")
     ref_model, tokenizer = load_causal_lm(str(reference)), load_tokenizer(str(reference))
-    probe = fit_probe(ref_model, tokenizer, defender_harmful, probe_benign + borderline_align + task_probe,
+    probe = fit_probe(ref_model, tokenizer, probe_harmful, probe_negatives,
                       layers=[probe_layer], calibration_fraction=0.0, seed=0, progress=progress)
 
     # 3. The attack: task rows plus harmful rows answered by the unaligned model.

@@ -300,8 +300,8 @@ class EmbeddingJudge(Judge):
 
     def fit(
         self,
-        harmful_texts: Sequence[str],
-        benign_texts: Sequence[str],
+        harmful_texts: Sequence[str] | Tensor,
+        benign_texts: Sequence[str] | Tensor,
         *,
         val_fraction: float = 0.2,
         seed: int = 0,
@@ -315,8 +315,11 @@ class EmbeddingJudge(Judge):
         stopping on the best validation loss; classes are weighted to equal total weight; see
         :func:`train_logistic_head`. Returns metrics: train/val loss and AUROC, val accuracy
         (threshold 0.5), best epoch, epochs run, sizes.
+
+        Both sides may instead be embeddings computed once (``[N, dim]`` tensors from :meth:`embed`
+        of the texts sanitised with :func:`sanitize_for_judge`), to train many heads on one set of
+        embeddings, e.g. in cross-validation.
         """
-        harmful_texts, benign_texts = list(harmful_texts), list(benign_texts)
         if len(harmful_texts) < 2 or len(benign_texts) < 2:
             raise JudgeError(
                 f"EmbeddingJudge.fit got {len(harmful_texts)} harmful and {len(benign_texts)} benign texts: "
@@ -324,8 +327,13 @@ class EmbeddingJudge(Judge):
             )
         if not 0.0 <= val_fraction < 1.0:
             raise JudgeError(f"val_fraction={val_fraction} is invalid: use a fraction in [0, 1)")
-        texts = [sanitize_for_judge(t, self.tokenizer) for t in harmful_texts + benign_texts]
-        features = self.embed(texts)
+        embedded = [isinstance(side, Tensor) for side in (harmful_texts, benign_texts)]
+        if embedded[0] != embedded[1]:
+            raise JudgeError("EmbeddingJudge.fit got texts on one side and embeddings on the other: pass the same kind on both")
+        if embedded[0]:
+            features = torch.cat([harmful_texts, benign_texts]).float()
+        else:
+            features = self.embed([sanitize_for_judge(t, self.tokenizer) for t in [*harmful_texts, *benign_texts]])
         labels = torch.cat([torch.ones(len(harmful_texts)), torch.zeros(len(benign_texts))])
         train, val = _stratified_split(labels, val_fraction, seed)
         head, metrics = train_logistic_head(
