@@ -66,7 +66,7 @@ from benchmarks.common import DEFAULT_DATA, DEFAULT_OUT, T0, fail, log, pct, rea
 from lightning_safety.alignment import DEFAULT_REFUSALS, AlignmentSettings, build_aligned_reference  # noqa: E402
 from lightning_safety.callbacks import SafetyDriftController  # noqa: E402
 from lightning_safety.data.prompts import PromptSource  # noqa: E402
-from lightning_safety.demo_data import load_demo_prompts, load_demo_rows  # noqa: E402
+from lightning_safety.demo_data import default_estimator_data, load_demo_prompts, load_demo_rows  # noqa: E402
 from lightning_safety.evaluation.generation import GenerationSettings  # noqa: E402
 from lightning_safety.evaluation.runner import SafetyEvaluator  # noqa: E402
 from lightning_safety.evaluation.utility import SST2_TEMPLATE, UtilityTask  # noqa: E402
@@ -269,6 +269,18 @@ def write_markdown(path: Path, results: dict[str, Any]) -> str:
     for attack, row in summary.items():
         cells = [f"{pct((row.get(m) or {}).get('recall'))} / {pct((row.get(m) or {}).get('fpr'))}" for m in estimators]
         lines.append(f"| {attack} | {results['attacks'][attack]['attack_rows']} | " + " | ".join(cells) + " |")
+    drift_cells = [c for c in results["cells"] if c.get("drift")]
+    if drift_cells:
+        drift = results["drift"]
+        lines += ["", "## The drift controller: canary drift (nats per response token) and the beta floor it set", "",
+                  f"Budget {drift['budget']:.4f} = {drift['margin']:g} x {drift['calibration']['max_drift']:.4f}, the largest "
+                  f"drift of a clean fine-tune on the task rows (the defender's side); {drift['canaries']} canaries, every "
+                  f"{drift['every_n_steps']} optimizer steps.", "",
+                  "| attack | seed | largest drift | largest floor |", "|---|---|---|---|"]
+        for cell in drift_cells:
+            history = cell["drift"]
+            lines.append(f"| {cell['attack']} | {cell['seed']} | {max(h['drift'] for h in history):.4f} | "
+                         f"{max(h.get('floor', 0.0) for h in history):.1f} |")
     lines += ["", "## Targets", ""]
     for item in results["targets"]:
         mark = {True: "met", False: "MISSED", None: "not measured"}[item["met"]]
@@ -369,6 +381,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--normalization", choices=["token", "example"], default="example")
     parser.add_argument("--beta", type=float, default=0.5, help="constant KL's beta (the replication's pick)")
     parser.add_argument("--canaries", type=int, default=32, help="the defender's harmful canary requests (drift)")
+    parser.add_argument("--estimator-mix", choices=["plain", "pairs"], default="plain",
+                        help="the estimators' training data: 'plain' (harmful vs benign + borderline, the committed "
+                             "results) or 'pairs' (+ topic-matched pairs: the library's default_estimator_data)")
     parser.add_argument("--drift-every", type=int, default=2, help="optimizer steps between drift measurements")
     parser.add_argument("--drift-margin", type=float, default=DEFAULT_DRIFT_MARGIN,
                         help="drift budget = this x the largest drift of a clean task fine-tune")
@@ -428,8 +443,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     align_harmful = [r["prompt"] for r in builtin_harmful[: args.align_harmful]]
     align_benign = load_demo_prompts("benign")[: args.align_benign]
     borderline = load_demo_prompts("borderline")
-    estimator_harmful = [r["prompt"] for r in builtin_harmful if r["category"] not in args.held_out]
-    estimator_benign = load_demo_prompts("benign") + borderline + [SST2_TEMPLATE.format(text=t) for t in estimator_task]
+    task_benign = [SST2_TEMPLATE.format(text=t) for t in estimator_task]
+    if args.estimator_mix == "pairs":  # the library's default mix: + topic-matched pairs (held-out categories out)
+        estimator_harmful, estimator_benign = default_estimator_data(
+            benign=load_demo_prompts("benign") + task_benign, exclude_categories=args.held_out)
+    else:  # the mix of the committed results: harmful vs benign + borderline
+        estimator_harmful = [r["prompt"] for r in builtin_harmful if r["category"] not in args.held_out]
+        estimator_benign = load_demo_prompts("benign") + borderline + task_benign
     canaries = [r["prompt"] for r in builtin_harmful[args.align_harmful:]][: args.canaries]
 
     config = {k: v for k, v in vars(args).items()
@@ -438,6 +458,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # The drift margin changes only the drift cells, which carry it in their names: it stays at its default in
     # the key, so that runs with other margins share every other cell (and earlier runs' keys stay valid).
     config["drift_margin"] = DEFAULT_DRIFT_MARGIN
+    if config.pop("estimator_mix") != "plain":  # a new mix is new estimators and cells; the default keeps old keys
+        config["estimator_mix"] = args.estimator_mix
     run_key = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:12]
     work = cache_root() / "zoo" / run_key
     (work / "cells").mkdir(parents=True, exist_ok=True)

@@ -174,7 +174,7 @@ def test_zoo_benchmark_quick_on_the_tiny_model(tmp_path, shared_data):
     """The whole grid runs: every attack x method cell, its test conditions, recall/FPR, targets, outputs."""
     out = tmp_path / "out"
     done = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "zoo.py"), "--quick", "--model", TINY, "--max-length", "512",
+        [sys.executable, str(REPO / "benchmarks" / "zoo.py"), "--quick", "--model", TINY, "--max-length", "512", "--estimator-mix", "pairs",
          "--data", str(shared_data), "--out-dir", str(out), "--methods", "sft", "sft_token",
          "adaptive_probe", "adaptive_judge_pair", "adaptive_probe_drift"],
         capture_output=True, text=True, timeout=900,
@@ -200,7 +200,7 @@ def test_zoo_benchmark_quick_on_the_tiny_model(tmp_path, shared_data):
 
     # --reuse: another machine (a fresh cache) takes the finished cells from zoo.json instead of rerunning them.
     again = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "zoo.py"), "--quick", "--model", TINY, "--max-length", "512",
+        [sys.executable, str(REPO / "benchmarks" / "zoo.py"), "--quick", "--model", TINY, "--max-length", "512", "--estimator-mix", "pairs",
          "--data", str(shared_data), "--out-dir", str(tmp_path / "again"), "--methods", *methods,
          "--reuse", str(out / "zoo.json")],
         capture_output=True, text=True, timeout=900, env={**os.environ, "LIGHTNING_SAFETY_CACHE": str(tmp_path / "cache")},
@@ -212,7 +212,7 @@ def test_zoo_benchmark_quick_on_the_tiny_model(tmp_path, shared_data):
 
     # --no-train gathers what is cached and trains nothing: a method or seed never run is left out.
     gathered = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "zoo.py"), "--quick", "--model", TINY, "--max-length", "512",
+        [sys.executable, str(REPO / "benchmarks" / "zoo.py"), "--quick", "--model", TINY, "--max-length", "512", "--estimator-mix", "pairs",
          "--data", str(shared_data), "--out-dir", str(tmp_path / "gathered"), "--methods", *methods, "constant_kl",
          "--seeds", "0", "1", "--no-train"],
         capture_output=True, text=True, timeout=900, env={**os.environ, "LIGHTNING_SAFETY_CACHE": str(tmp_path / "cache")},
