@@ -235,6 +235,35 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
         ) from None
 
 
+def require_reachable_hub(source: ModelSource, timeout: float = 3.0) -> None:
+    """Refuse, in seconds rather than a minute of retries, a hub id that is neither cached nor reachable.
+
+    Skipped (the hub client decides) offline (``HF_HUB_OFFLINE``, where it fails at once), behind a
+    proxy (a direct connection says nothing then), and when the hub cache already holds the repository.
+    """
+    import os
+    import socket
+    from urllib.parse import urlparse
+
+    if source.local or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        return
+    if any(os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY")):
+        return
+    from huggingface_hub import constants
+
+    if (Path(constants.HF_HUB_CACHE) / f"models--{source.folder.replace('/', '--')}").is_dir():
+        return
+    endpoint = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((endpoint.hostname, endpoint.port or 443), timeout=timeout).close()
+    except OSError as error:
+        raise ModelLoadError(
+            f"model '{source.name}' is not a local folder or file, not in the Hugging Face cache, and the hub "
+            f"({constants.ENDPOINT}) is unreachable ({error.__class__.__name__}): check the name, or download it "
+            "where there is network and pass the local folder"
+        ) from None
+
+
 def _hub_error(source: ModelSource, what: str, error: Exception) -> ModelLoadError:
     first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     return ModelLoadError(
@@ -258,6 +287,7 @@ def load_tokenizer(
     from transformers import AutoTokenizer
 
     source = resolve_model_source(name_or_path)
+    require_reachable_hub(source)
     if source.gguf_file:
         _require_gguf_support()
     try:
@@ -288,6 +318,7 @@ def load_causal_lm(
     from transformers import AutoModelForCausalLM
 
     source = resolve_model_source(name_or_path)
+    require_reachable_hub(source)
     kwargs: dict = {"trust_remote_code": trust_remote_code, "revision": revision}
     if (torch_dtype := resolve_dtype(dtype)) is not None:
         kwargs["dtype"] = torch_dtype

@@ -56,3 +56,23 @@ def test_separate_reference_with_a_differently_numbered_tokenizer_is_refused(tin
     module = SafeFineTuning(str(tiny_model_dir), reference="separate", reference_model=str(tmp_path / "other"))
     with pytest.raises(IncompatibleReferenceError, match="different ids"):
         module.configure_model()
+
+
+def test_an_unknown_hub_id_fails_in_seconds_without_network(tmp_path):
+    """Without HF_HUB_OFFLINE, the hub client retries an unreachable hub for ~50 s before failing; an id that is
+    neither cached nor reachable is refused after one connection attempt (with network: the hub's own 404)."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    env["HF_HOME"] = str(tmp_path / "hf")  # an empty hub cache
+    code = ("from lightning_safety.models import load_causal_lm\n"
+            "try:\n    load_causal_lm('nobody/no-such-model-xyz')\n"
+            "except Exception as error:\n    print(type(error).__name__, error)\n")
+    started = time.perf_counter()
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    seconds = time.perf_counter() - started
+    assert done.stdout.startswith("ModelLoadError") and "no-such-model-xyz" in done.stdout, done.stdout + done.stderr
+    assert seconds < 30, f"took {seconds:.0f} s"
