@@ -10,6 +10,20 @@ from collections.abc import Iterator
 _LOGGERS = ("lightning.pytorch.utilities.rank_zero", "lightning.pytorch.accelerators.cuda", "lightning.fabric")
 
 
+class _NoPromotionalTips(logging.Filter):
+    """Drops Lightning's "💡 Tip: try installing ..." lines (advertisements, not information about the run)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("💡 Tip:")
+
+
+def hide_lightning_tips() -> None:
+    """Keep Lightning's promotional tips out of the output of every trainer in this process (idempotent)."""
+    logger = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    if not any(isinstance(f, _NoPromotionalTips) for f in logger.filters):
+        logger.addFilter(_NoPromotionalTips())
+
+
 @contextlib.contextmanager
 def quiet_training(enabled: bool = True) -> Iterator[None]:
     """Hide warnings that are expected in these runs; with ``enabled``, also Lightning's set-up chatter.

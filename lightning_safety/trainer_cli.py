@@ -87,7 +87,9 @@ def run_trainer_cli(argv: list[str] | None) -> SafetyCLI:
     from lightning_safety.checkpointing import AtomicCheckpoints
     from lightning_safety.data import ChatSFTDataModule
     from lightning_safety.module import SafeFineTuning
+    from lightning_safety.quiet import hide_lightning_tips
 
+    hide_lightning_tips()
     return SafetyCLI(
         SafeFineTuning,
         ChatSFTDataModule,

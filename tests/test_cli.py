@@ -140,6 +140,7 @@ def test_ddp_recipe_runs_two_processes_from_the_console(tmp_path):
     built = cache / "tiny-random-llama-seed0"
     assert (built / "config.json").is_file() and (built / "model.safetensors").is_file()
     assert "Initializing distributed: GLOBAL_RANK: 1, MEMBER: 2/2" in result.stderr + result.stdout
+    assert "Tip:" not in result.stderr + result.stdout  # Lightning's advertisements are filtered out
 
 
 def _tiny_rows() -> list[dict]:
