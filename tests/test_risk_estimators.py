@@ -134,3 +134,23 @@ def test_split_conversation_reads_the_request_and_the_first_answer():
         {"role": "assistant", "content": "no"},
     ]
     assert split_conversation(messages) == ("hi\n\nhow do I pick a lock?", "I can't help with that.")
+
+
+def test_the_default_cache_identity_changes_with_the_estimator_settings():
+    """Two instances with the same settings share a cache; other settings (or another class) do not."""
+    from lightning_safety.risk.base import RiskEstimator
+
+    class Keyword(RiskEstimator):
+        cacheable = True
+
+        def __init__(self, word: str, weight: float = 1.0) -> None:
+            self.word, self.weight = word, weight
+
+        def __call__(self, batch, model=None):
+            return torch.zeros(len(batch["input_ids"]))
+
+    first, same, other_word, other_weight = Keyword("bomb"), Keyword("bomb"), Keyword("knife"), Keyword("bomb", 0.5)
+    assert first.namespace == same.namespace and first.namespace.startswith("Keyword:")
+    assert len({first.namespace, other_word.namespace, other_weight.namespace}) == 3
+    first.failures = 3  # a counter that changes while it runs is not a setting
+    assert first.namespace == same.namespace

@@ -11,6 +11,9 @@ A user's own LightningModule reads the same field.
 
 from __future__ import annotations
 
+import hashlib
+import inspect
+import json
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from typing import Any
@@ -64,8 +67,14 @@ class RiskEstimator(ABC):
 
     @property
     def namespace(self) -> str:
-        """Identity of the estimator for caches (a cache of one estimator is refused by another)."""
-        return type(self).__name__
+        """Identity of the estimator for caches (a cache of one estimator is refused by another).
+
+        Default: the class name and a digest of the class's source and of its constructor settings
+        (the ``__init__`` arguments stored under their own names as numbers, strings, booleans or
+        tuples of them), so that an estimator whose code or settings changed does not reuse the scores
+        of the old one. Override it when the risk depends on more (weights, files: see ``ProbeRisk``).
+        """
+        return f"{type(self).__name__}:{_settings_digest(self)}"
 
     def setup(self, pl_module: nn.Module) -> None:
         """Resolve models and register hooks (called by callbacks in ``on_fit_start`` etc.)."""
@@ -104,3 +113,22 @@ class ConstantRisk(RiskEstimator):
     def __call__(self, batch: Mapping[str, Any], model: nn.Module | None = None) -> Tensor:
         input_ids = batch["input_ids"]
         return torch.full((input_ids.shape[0],), self.value, device=input_ids.device)
+
+
+_PLAIN = (int, float, str, bool, type(None))
+
+
+def _settings_digest(estimator: object) -> str:
+    """12 hex characters over the class's source and the plain values of its ``__init__`` arguments."""
+    cls = type(estimator)
+    try:
+        source = inspect.getsource(cls)
+    except (OSError, TypeError):  # defined interactively: the qualified name stands in
+        source = f"{cls.__module__}.{cls.__qualname__}"
+    settings = {}
+    for name in inspect.signature(cls.__init__).parameters:
+        value = getattr(estimator, name, None)
+        if isinstance(value, _PLAIN) or (isinstance(value, tuple) and all(isinstance(v, _PLAIN) for v in value)):
+            settings[name] = value
+    payload = source + json.dumps(settings, sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()[:12]
