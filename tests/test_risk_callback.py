@@ -109,3 +109,33 @@ def test_max_and_mean_combine_estimators():
     torch.testing.assert_close(MaxRisk(low, shifted)(batch), (expected_low + 0.5).clamp(max=1.0))
     torch.testing.assert_close(MeanRisk(low, shifted)(batch), (expected_low + (expected_low + 0.5).clamp(max=1.0)) / 2)
     assert MaxRisk(low, shifted).cacheable and MaxRisk(low, shifted).namespace == "max(low,shifted)"
+
+
+def test_a_crashed_fit_removes_the_probe_hooks_and_keeps_the_scores(tiny_model_dir, tmp_path):
+    import lightning as L
+
+    from lightning_safety.callbacks import ActivationRiskCallback
+    from lightning_safety.data import ChatSFTDataModule
+    from lightning_safety.models import load_causal_lm, load_tokenizer
+    from lightning_safety.module import SafeFineTuning
+    from lightning_safety.risk.probe import fit_probe
+
+    class CrashAtStep(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.global_step == 2:
+                raise RuntimeError("injected crash")
+
+    model, tokenizer = load_causal_lm(str(tiny_model_dir)), load_tokenizer(str(tiny_model_dir))
+    probe = fit_probe(model, tokenizer, ["bad a", "bad b", "bad c", "bad d"], ["good a", "good b", "good c", "good d"],
+                      layers=[0], calibration_fraction=0.0, val_fraction=0.0, epochs=2)
+    module = SafeFineTuning(str(tiny_model_dir), reference="model_copy")
+    cache = tmp_path / "risk.json"
+    trainer = L.Trainer(accelerator="cpu", max_steps=5, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path),
+                        callbacks=[ActivationRiskCallback(probe, cache_path=cache), CrashAtStep()])
+    data = ChatSFTDataModule(train=str(TINY_DATA), tokenizer=str(tiny_model_dir), batch_size=4, max_length=256)
+    with pytest.raises(RuntimeError, match="injected crash"):
+        trainer.fit(module, datamodule=data)
+    hooks = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in module.modules())
+    assert hooks == 0  # the probe's taps are gone: the model is usable as it is
+    assert len(json.loads(cache.read_text())["scores"]) == 8  # the two completed batches' scores were kept

@@ -115,6 +115,11 @@ class RiskCallback(L.Callback):
             self._active = False
         self._save(trainer)
 
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        """A crashed run still removes the estimator's hooks (Lightning skips ``teardown`` then) and keeps the
+        scores computed so far in ``cache_path``."""
+        self.teardown(trainer, pl_module, "exception")
+
     def _save(self, trainer: L.Trainer) -> None:
         if self.cache is not None and self.cache_path is not None and trainer.is_global_zero:
             self.cache.save(self.cache_path)
