@@ -45,6 +45,7 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.callbacks import ModelCheckpoint
+from typing_extensions import override
 
 from lightning_safety.errors import ModelLoadError
 from lightning_safety.paths import default_mode
@@ -207,6 +208,7 @@ class AtomicCheckpoints(L.Callback):
     link (``save_last="link"``) that replaces the old one in a single rename.
     """
 
+    @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         strategy = trainer.strategy
         if type(strategy.checkpoint_io) is TorchCheckpointIO:

@@ -24,6 +24,7 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
+from typing_extensions import override
 
 from lightning_safety.errors import LightningSafetyError
 
@@ -242,19 +243,23 @@ class RiskAuditLog(L.Callback):
         return self.path.with_name(f"{self.path.stem}.rank{rank}{self.path.suffix}")
 
     # ------------------------------------------------------------------ opening and closing
+    @override
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # Fail before the sanity check when we already know whether this fit resumes; strategies
         # that restore checkpoints after setup only know it at on_train_start.
         if not trainer.strategy.restore_checkpoint_after_setup:
             self._open(trainer)
 
+    @override
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._open(trainer)
 
+    @override
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self._close()
         self._restored = None
 
+    @override
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         # Lightning calls no teardown hook after an exception.
         self._close()
@@ -330,6 +335,7 @@ class RiskAuditLog(L.Callback):
         self._size += len(data)
 
     # ------------------------------------------------------------------ rows
+    @override
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
         # global_step moves inside the step (at the optimizer step), so read it before.
         self._batch_start = (trainer.global_step, trainer.current_epoch)
@@ -386,12 +392,14 @@ class RiskAuditLog(L.Callback):
         return buffer.getvalue().encode("utf-8")
 
     # ------------------------------------------------------------------ checkpoints
+    @override
     def state_dict(self) -> dict[str, Any]:
         # Saved from rank 0: how far its file was when the checkpoint was taken, so that a resume
         # can tell that rows after it will be written again.
         path = self._open_path if self._open_path is not None else self.path
         return {"file": str(path), "rank": self._rank, "bytes": self._size}
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._restored = dict(state_dict)
 

@@ -10,6 +10,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
+from typing_extensions import override
 
 from lightning_safety.data.formatting import resolve_pad_token_id
 from lightning_safety.distributed import is_sharded
@@ -114,6 +115,7 @@ class SafetyDriftController(Callback):
                                         canaries=len(self.requests))
 
     # ------------------------------------------------------------------ hooks
+    @override
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.budget is not None and not hasattr(pl_module, "beta_floor"):
             raise LightningSafetyError(
@@ -128,6 +130,7 @@ class SafetyDriftController(Callback):
                                            synced=trainer.world_size > 1 and is_sharded(model))
         self._apply_floor(pl_module)
 
+    @override
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         step = trainer.global_step
@@ -170,10 +173,12 @@ class SafetyDriftController(Callback):
         return self.tokenizer_spec
 
     # ------------------------------------------------------------------ state
+    @override
     def state_dict(self) -> dict[str, Any]:
         return {"floor": self.floor, "drift": self.drift, "history": list(self.history), "last_step": self._last_step,
                 "canaries": None if self.canaries is None else self.canaries.to_dict()}
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.floor = float(state_dict["floor"])
         self.drift = state_dict["drift"]

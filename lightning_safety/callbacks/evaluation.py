@@ -10,6 +10,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.trainer.states import TrainerFn
+from typing_extensions import override
 
 from lightning_safety.callbacks.tokenizer import resolve_tokenizer
 from lightning_safety.errors import LightningSafetyError
@@ -134,6 +135,7 @@ class SafetyEvaluationCallback(Callback):
     def _epoch_due(self, trainer: L.Trainer) -> bool:
         return self.every_n_epochs > 0 and (trainer.current_epoch + 1) % self.every_n_epochs == 0
 
+    @override
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking:
             return
@@ -148,16 +150,19 @@ class SafetyEvaluationCallback(Callback):
     def _end_of_epoch(trainer: L.Trainer) -> bool:
         return trainer.fit_loop.epoch_loop.batch_progress.is_last_batch
 
+    @override
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._last_step == trainer.global_step or not self._epoch_due(trainer):
             return
         self._evaluate_and_log(trainer, pl_module)  # no validation loop ran at this epoch's end
 
+    @override
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
         if self.every_n_train_steps and step > 0 and step % self.every_n_train_steps == 0 and self._last_step != step:
             self._evaluate_and_log(trainer, pl_module)
 
+    @override
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.at_end and self._last_step != trainer.global_step:
             # Lightning forbids self.log here: the values go to callback_metrics and the loggers directly.
@@ -205,9 +210,11 @@ class SafetyEvaluationCallback(Callback):
             pl_module.log(name, value, prog_bar=name == "safety/asr", rank_zero_only=False, sync_dist=False)
 
     # ------------------------------------------------------------------ state
+    @override
     def state_dict(self) -> dict[str, Any]:
         return {"history": list(self.history), "last_step": self._last_step}
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.history = list(state_dict.get("history", []))
         self._last_step = state_dict.get("last_step")

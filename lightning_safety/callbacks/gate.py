@@ -11,6 +11,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
+from typing_extensions import override
 
 from lightning_safety.callbacks.evaluation import EVALUATED_STEP_KEY
 from lightning_safety.errors import LightningSafetyError
@@ -115,6 +116,7 @@ class SafetyGate(Callback):
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
         return checkpoint.get(GATE_KEY)
 
+    @override
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
         checkpoint[GATE_KEY] = self.verdict(trainer)
 
@@ -169,22 +171,28 @@ class SafetyGate(Callback):
         pl_module.load_state_dict(state, strict=False)
         logger.warning("SafetyGate: restored the weights of %s", self.last_safe_path)
 
+    @override
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._decide(trainer, pl_module)
 
+    @override
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
         self._decide(trainer, pl_module)
 
+    @override
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._decide(trainer, pl_module)
 
+    @override
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._decide(trainer, pl_module)
 
     # ------------------------------------------------------------------ state
+    @override
     def state_dict(self) -> dict[str, Any]:
         return {"last_safe_path": self.last_safe_path, "violations": list(self.violations)}
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.last_safe_path = state_dict.get("last_safe_path")
         self.violations = list(state_dict.get("violations", []))

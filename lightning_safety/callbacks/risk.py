@@ -14,6 +14,7 @@ from typing import Any, Literal
 import lightning as L
 import torch
 from torch import Tensor
+from typing_extensions import override
 
 from lightning_safety.distributed import any_rank
 from lightning_safety.errors import DataError
@@ -97,24 +98,30 @@ class RiskCallback(L.Callback):
                 self.cache.load_state_dict(self._pending_state)
                 self._pending_state = None
 
+    @override
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._activate(pl_module)
 
+    @override
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._activate(pl_module)
 
+    @override
     def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._activate(pl_module)
 
+    @override
     def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._activate(pl_module)
 
+    @override
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if self._active:
             self.estimator.teardown()
             self._active = False
         self._save(trainer)
 
+    @override
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         """A crashed run still removes the estimator's hooks (Lightning skips ``teardown`` then) and keeps the
         scores computed so far in ``cache_path``."""
@@ -156,6 +163,7 @@ class RiskCallback(L.Callback):
         self._last_scored = len(missing)
         return batch[RISK_FIELD]
 
+    @override
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
         risk = self.fill(batch, pl_module)
         if self.log_stats:  # this rank's counts: no extra collective per step
@@ -164,26 +172,32 @@ class RiskCallback(L.Callback):
             pl_module.log("risk/scored", float(self._last_scored), batch_size=size)
             pl_module.log("risk/failures", float(self.estimator.failures), batch_size=size)
 
+    @override
     def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
         self.fill(batch, pl_module)
 
+    @override
     def on_test_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
         self.fill(batch, pl_module)
 
+    @override
     def on_predict_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
         self.fill(batch, pl_module)
 
+    @override
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.cache is not None:
             self.cache.sync()  # every rank calls it: the epoch ends on every rank
             self._save(trainer)
 
     # ------------------------------------------------------------------ checkpoints
+    @override
     def state_dict(self) -> dict[str, Any]:
         if self.cache is not None:
             return {"cache": self.cache.state_dict()}
         return {"cache": self._pending_state} if self._pending_state is not None else {}
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         state = state_dict.get("cache")
         if state is None or not self.use_cache:
