@@ -383,7 +383,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--canaries", type=int, default=32, help="the defender's harmful canary requests (drift)")
     parser.add_argument("--estimator-mix", choices=["plain", "pairs"], default="plain",
                         help="the estimators' training data: 'plain' (harmful vs benign + borderline, the committed "
-                             "results) or 'pairs' (+ topic-matched pairs: the library's default_estimator_data)")
+                             "results) or 'pairs' (+ all 240 topic-matched pairs: default_estimator_data(pairs=None))")
     parser.add_argument("--drift-every", type=int, default=2, help="optimizer steps between drift measurements")
     parser.add_argument("--drift-margin", type=float, default=DEFAULT_DRIFT_MARGIN,
                         help="drift budget = this x the largest drift of a clean task fine-tune")

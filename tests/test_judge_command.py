@@ -110,18 +110,18 @@ def test_bad_judge_fit_input_is_one_line_and_leaves_nothing(prompt_files, tmp_pa
 
 
 def test_probe_and_judge_fit_default_to_the_package_mix(tiny_model_dir, tmp_path, capsys):
-    """Without --harmful/--benign both commands train on default_estimator_data (pairs and borderline included);
-    --exclude_categories holds categories out; one source without the other is refused in one line."""
+    """Without --harmful/--benign both commands train on default_estimator_data without topic pairs (the zoo's
+    choice; --pairs adds them); --exclude_categories holds categories out; one source alone is refused."""
     from lightning_safety.demo_data import default_estimator_data
     from lightning_safety.risk.probe import ActivationProbe
 
-    harmful, benign = default_estimator_data(exclude_categories=["cybercrime"])
+    harmful, benign = default_estimator_data(exclude_categories=["cybercrime"], pairs=0)
     run_cli(["probe", "fit", "--model", str(tiny_model_dir), "--output", str(tmp_path / "probe"),
              "--exclude_categories", "[cybercrime]", "--calibration_fraction", "0", "--epochs", "5"])
     metrics = ActivationProbe.load(tmp_path / "probe").metrics
     assert metrics["n_train"] + metrics["n_val"] == len(harmful) + len(benign)
-    judged = run_cli(["judge", "fit", "--output", str(tmp_path / "judge"), "--epochs", "5"])
-    assert judged["n_train"] + judged["n_val"] == sum(map(len, default_estimator_data()))
+    judged = run_cli(["judge", "fit", "--output", str(tmp_path / "judge"), "--epochs", "5", "--pairs", "24"])
+    assert judged["n_train"] + judged["n_val"] == sum(map(len, default_estimator_data(pairs=24)))
     with pytest.raises(SystemExit) as exit_info:
         run_cli(["judge", "fit", "--output", str(tmp_path / "other"), "--harmful.path", str(tmp_path / "h.txt")])
     assert exit_info.value.code == 2 and "give both --harmful.path and --benign.path" in capsys.readouterr().err

@@ -50,11 +50,11 @@ class DemoSizes:
     task_train: int = 120
     task_eval: int = 80
     task_probe: int = 40
-    probe_pairs: int = 240
+    probe_pairs: int = 0  # the attack zoo: topic pairs lowered the probe's recall on disguised requests
 
 
 QUICK_SIZES = DemoSizes(defender_harmful=16, attack_harmful=12, test_harmful=12, defender_benign=16, probe_benign=16,
-                        borderline_align=8, borderline_eval=8, task_train=24, task_eval=16, task_probe=8, probe_pairs=24)
+                        borderline_align=8, borderline_eval=8, task_train=24, task_eval=16, task_probe=8, probe_pairs=0)
 
 
 def _take(items: list[Any], start: int, count: int, what: str) -> list[Any]:
