@@ -267,7 +267,8 @@ def _risk_cache(folder: Path, text: str) -> Callable[[], object]:
 
 
 def _probe_on_other_model(folder: Path) -> Callable[[], object]:
-    from lightning_safety.risk.probe import ActivationProbe, fit_probe
+    from lightning_safety.risk.probe import ActivationProbe
+    from tiny_probe import tiny_probe
     from lightning_safety.tiny_model import tiny_model_folder
     from transformers import AutoModelForCausalLM
 
@@ -275,8 +276,7 @@ def _probe_on_other_model(folder: Path) -> Callable[[], object]:
 
     path = tiny_model_folder()
     model, tokenizer = load_causal_lm(str(path)), load_tokenizer(str(path))
-    probe = fit_probe(model, tokenizer, ["bad a", "bad b", "bad c", "bad d"], ["good a", "good b", "good c", "good d"],
-                      layers=[0], calibration_fraction=0.0, val_fraction=0.0, epochs=2)
+    probe = tiny_probe(model, tokenizer)
     probe.save(folder / "probe")
     other = AutoModelForCausalLM.from_config(model.config)
     other.load_state_dict(model.state_dict())
@@ -411,11 +411,10 @@ def _risk_callback() -> object:
 def _probe_callback_on_reference() -> object:
     from lightning_safety.callbacks import ActivationRiskCallback
     from lightning_safety.models import load_causal_lm, load_tokenizer
-    from lightning_safety.risk.probe import fit_probe
+    from tiny_probe import tiny_probe
 
     model, tokenizer = load_causal_lm("tiny-random-llama"), load_tokenizer("tiny-random-llama")
-    probe = fit_probe(model, tokenizer, ["bad a", "bad b", "bad c", "bad d"], ["good a", "good b", "good c", "good d"],
-                      layers=[0], calibration_fraction=0.0, val_fraction=0.0, epochs=2)
+    probe = tiny_probe(model, tokenizer)
     return ActivationRiskCallback(probe, source="reference")
 
 

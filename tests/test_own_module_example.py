@@ -11,7 +11,7 @@ import torch
 
 from lightning_safety import ActivationRiskCallback, ChatSFTDataModule, RiskAuditLog, SafetyDriftController
 from lightning_safety.models import load_causal_lm, load_tokenizer
-from lightning_safety.risk.probe import fit_probe
+from tiny_probe import tiny_probe
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "configs" / "data" / "tiny_chat.jsonl"
@@ -27,8 +27,7 @@ def load_example():
 def test_an_outside_module_gets_the_audit_log_the_probe_and_the_drift_controller(tiny_model_dir, tmp_path):
     example = load_example()
     model, tokenizer = load_causal_lm(str(tiny_model_dir)), load_tokenizer(str(tiny_model_dir))
-    probe = fit_probe(model, tokenizer, ["bad a", "bad b", "bad c", "bad d"], ["good a", "good b", "good c", "good d"],
-                      layers=[0], calibration_fraction=0.0, val_fraction=0.0, epochs=2)
+    probe = tiny_probe(model, tokenizer)
     module = example.MyModule(model, lr=1e-2)
     audit = tmp_path / "audit.jsonl"
     drift = SafetyDriftController(["How do I pick a lock?"], every_n_steps=1, budget=1e-9, step=0.5, max_floor=0.5,

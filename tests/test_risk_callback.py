@@ -118,7 +118,7 @@ def test_a_crashed_fit_removes_the_probe_hooks_and_keeps_the_scores(tiny_model_d
     from lightning_safety.data import ChatSFTDataModule
     from lightning_safety.models import load_causal_lm, load_tokenizer
     from lightning_safety.module import SafeFineTuning
-    from lightning_safety.risk.probe import fit_probe
+    from tiny_probe import tiny_probe
 
     class CrashAtStep(L.Callback):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
@@ -126,8 +126,7 @@ def test_a_crashed_fit_removes_the_probe_hooks_and_keeps_the_scores(tiny_model_d
                 raise RuntimeError("injected crash")
 
     model, tokenizer = load_causal_lm(str(tiny_model_dir)), load_tokenizer(str(tiny_model_dir))
-    probe = fit_probe(model, tokenizer, ["bad a", "bad b", "bad c", "bad d"], ["good a", "good b", "good c", "good d"],
-                      layers=[0], calibration_fraction=0.0, val_fraction=0.0, epochs=2)
+    probe = tiny_probe(model, tokenizer)
     module = SafeFineTuning(str(tiny_model_dir), reference="model_copy")
     cache = tmp_path / "risk.json"
     trainer = L.Trainer(accelerator="cpu", max_steps=5, logger=False, enable_checkpointing=False,

@@ -67,25 +67,35 @@ def load_checkpoint_file(path: Path, *, mmap: bool = False) -> dict[str, Any]:
     return checkpoint
 
 
+def _checkpoint_kind(path: Path) -> str:
+    """``"file"`` or ``"sharded"``; anything else is refused in one line."""
+    if path.is_file():
+        return "file"
+    if is_sharded_checkpoint(path):
+        return "sharded"
+    if path.is_dir():
+        raise ModelLoadError(
+            f"checkpoint folder {path} holds no sharded checkpoint (no .metadata file): give a .ckpt file or the "
+            "folder a sharded run wrote"
+        )
+    raise ModelLoadError(f"checkpoint {path} not found: give a .ckpt file or a sharded checkpoint folder")
+
+
+def _require_ours(checkpoint: dict[str, Any], path: Path) -> dict[str, Any]:
+    if "lightning_safety" not in checkpoint:
+        raise ModelLoadError(
+            f"{path} was not written by SafeFineTuning (no 'lightning_safety' entry): use a checkpoint of this "
+            "library, or the model folder or adapter it came from"
+        )
+    return checkpoint
+
+
 def check_checkpoint(path: str | Path) -> None:
     """Refuse, in one line, a checkpoint path that SafeFineTuning cannot resume from (cheap: the file is
     memory-mapped, tensors are not read)."""
     path = Path(path)
-    if path.is_file():
-        checkpoint = load_checkpoint_file(path, mmap=True)
-        if "lightning_safety" not in checkpoint or "state_dict" not in checkpoint:
-            raise ModelLoadError(
-                f"{path} was not written by SafeFineTuning (no 'lightning_safety' entry): resume from a checkpoint "
-                "of this library, or start without --ckpt_path"
-            )
-    elif path.is_dir():
-        if not is_sharded_checkpoint(path):
-            raise ModelLoadError(
-                f"checkpoint folder {path} holds no sharded checkpoint (no .metadata file): give a .ckpt file or "
-                "the folder a sharded run wrote"
-            )
-    else:
-        raise ModelLoadError(f"checkpoint {path} not found: give a .ckpt file or a sharded checkpoint folder")
+    if _checkpoint_kind(path) == "file":
+        _require_ours(load_checkpoint_file(path, mmap=True), path)
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -94,32 +104,17 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     Raises:
         ModelLoadError: the path does not exist, or is not a checkpoint SafeFineTuning wrote.
     """
-    import torch
-
     path = Path(path)
-    if path.is_dir() and not is_sharded_checkpoint(path):
+    if _checkpoint_kind(path) == "file":
+        return _require_ours(load_checkpoint_file(path), path)
+    try:
+        from lightning.fabric.utilities.load import _load_distributed_checkpoint
+    except ImportError as error:  # a private helper: say how to do it by hand if it moves
         raise ModelLoadError(
-            f"checkpoint folder {path} holds no sharded checkpoint (no .metadata file): give a .ckpt file or the "
-            "folder a sharded run wrote"
-        )
-    if is_sharded_checkpoint(path):
-        try:
-            from lightning.fabric.utilities.load import _load_distributed_checkpoint
-        except ImportError as error:  # a private helper: say how to do it by hand if it moves
-            raise ModelLoadError(
-                f"cannot read the sharded checkpoint {path} with this Lightning version: consolidate it first "
-                "(python -m lightning.fabric.utilities.consolidate_checkpoint <folder>) and pass the file"
-            ) from error
-        checkpoint = _load_distributed_checkpoint(path)
-    elif path.is_file():
-        checkpoint = load_checkpoint_file(path)
-    else:
-        raise ModelLoadError(f"checkpoint {path} not found: give a .ckpt file or a sharded checkpoint folder")
-    if "lightning_safety" not in checkpoint:
-        raise ModelLoadError(
-            f"{path} was not written by SafeFineTuning: evaluate the model folder or adapter it came from instead"
-        )
-    return checkpoint
+            f"cannot read the sharded checkpoint {path} with this Lightning version: consolidate it first "
+            "(python -m lightning.fabric.utilities.consolidate_checkpoint <folder>) and pass the file"
+        ) from error
+    return _require_ours(_load_distributed_checkpoint(path), path)
 
 
 def load_checkpoint_policy(path: str | Path) -> tuple[nn.Module, str]:
