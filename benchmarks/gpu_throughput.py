@@ -272,7 +272,7 @@ def run_fsdp2(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     from lightning.pytorch.strategies import ModelParallelStrategy
 
     from lightning_safety.distributed import ShardingSettings, is_sharded
-    from lightning_safety.losses import LinearRiskSchedule
+    from lightning_safety.schedules import LinearRiskSchedule
     from lightning_safety.module import SafeFineTuning
 
     dtype = resolve_dtype(args, device)

@@ -271,7 +271,7 @@ def conversations(tokenizer: Any, input_ids: Tensor, prompt_len: int) -> list[li
 def build_paper(args: argparse.Namespace, device: torch.device) -> PaperSetup:
     """The released recipe's shape: a second full copy as the reference, the judge on every example every step."""
     from lightning_safety.demo_data import load_demo_prompts
-    from lightning_safety.losses import LinearRiskSchedule
+    from lightning_safety.schedules import LinearRiskSchedule
     from lightning_safety.models import LoraSettings, load_tokenizer
     from lightning_safety.module import SafeFineTuning
     from lightning_safety.risk import EmbeddingJudge, JudgeRisk
@@ -416,7 +416,7 @@ def loss_agreement(peers: Peers) -> dict[str, Any]:
     The adapter's B matrices are drawn from N(0, 0.05^2) for the check (a fresh adapter is the
     reference itself, KL 0) and restored afterwards.
     """
-    from lightning_safety.losses import ConstantBeta
+    from lightning_safety.schedules import ConstantBeta
 
     module, gkd = peers.lora.module, peers.gkd
     lora_b = {name: p for name, p in module.policy.named_parameters() if "lora_B" in name}

@@ -164,7 +164,7 @@ def build_lora_setup(
 ) -> LoraSetup:
     """One ``SafeFineTuning`` module (LoRA on all linear layers, dropout 0, reference = the adapter
     switched off, AdamW over the adapter) and the fixed batch with each configuration's risk."""
-    from lightning_safety.losses import ConstantBeta, LinearRiskSchedule, ThresholdRiskSchedule
+    from lightning_safety.schedules import ConstantBeta, LinearRiskSchedule, ThresholdRiskSchedule
     from lightning_safety.models import LoraSettings
     from lightning_safety.module import SafeFineTuning
 

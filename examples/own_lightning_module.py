@@ -24,7 +24,8 @@ import lightning as L
 import torch
 from torch import nn
 
-from lightning_safety.losses import LinearRiskSchedule, adaptive_kl_loss
+from lightning_safety.losses import adaptive_kl_loss
+from lightning_safety.schedules import LinearRiskSchedule
 
 
 class MyModule(L.LightningModule):

@@ -16,9 +16,8 @@ __version__ = "0.1.0"
 _EXPORTS = {
     # the LightningModule, the loss and its risk -> beta schedules
     "lightning_safety.module": ("SafeFineTuning",),
-    "lightning_safety.losses": (
-        "adaptive_kl_loss", "ConstantBeta", "JudgeScoreSchedule", "LinearRiskSchedule", "ThresholdRiskSchedule",
-    ),
+    "lightning_safety.losses": ("adaptive_kl_loss",),
+    "lightning_safety.schedules": ("ConstantBeta", "JudgeScoreSchedule", "LinearRiskSchedule", "ThresholdRiskSchedule"),
     # data
     "lightning_safety.data.datamodule": ("ChatSFTDataModule",),
     "lightning_safety.data.prompts": ("PromptSource",),

@@ -285,7 +285,7 @@ def align_with_refusals(
     import lightning as L
 
     from lightning_safety.data.datamodule import ChatSFTDataModule
-    from lightning_safety.losses import ConstantBeta
+    from lightning_safety.schedules import ConstantBeta
     from lightning_safety.module import SafeFineTuning
 
     harmful, benign = _clean_inputs(harmful_prompts, benign_prompts)

@@ -35,13 +35,7 @@ from lightning_safety.distributed import (
     shard_model,
 )
 from lightning_safety.errors import LightningSafetyError, ModelLoadError
-from lightning_safety.losses import (
-    AdaptiveKLOutput,
-    LinearRiskSchedule,
-    RiskSchedule,
-    adaptive_kl_loss,
-    schedule_from_config,
-)
+from lightning_safety.losses import AdaptiveKLOutput, adaptive_kl_loss
 from lightning_safety.models import (
     LoraSettings,
     ReferenceStrategy,
@@ -60,6 +54,7 @@ from lightning_safety.models import (
     supports_logits_to_keep,
 )
 from lightning_safety.risk.base import ConstantRisk, FieldRisk, RiskEstimator, check_risk
+from lightning_safety.schedules import LinearRiskSchedule, RiskSchedule, schedule_from_config
 from lightning_safety.tiny_model import TINY_MODEL_ALIAS
 
 _CHECKPOINT_KEY = "lightning_safety"
@@ -309,7 +304,7 @@ class SafeFineTuning(L.LightningModule):
         """
         input_ids, attention_mask = batch["input_ids"], batch.get("attention_mask")
         risk = self.risk_for(batch)
-        beta = self.schedule(risk, update=update_schedule).to(input_ids.device)
+        beta = self.schedule(risk, update=update_schedule, validated=True).to(input_ids.device)
         if self.beta_floor > 0:  # a controller tightens every row while the model drifts from safety
             beta = beta.clamp(min=float(self.beta_floor))
         keep = self._logits_to_keep(batch["labels"])

@@ -23,7 +23,7 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning_safety.callbacks import ActivationRiskCallback
 from lightning_safety.data import ChatSFTDataModule
 from lightning_safety.distributed import is_sharded, local_parameter_bytes
-from lightning_safety.losses import ThresholdRiskSchedule
+from lightning_safety.schedules import ThresholdRiskSchedule
 from lightning_safety.models import LoraSettings
 from lightning_safety.risk.hooks import find_decoder_layers
 from lightning_safety.module import SafeFineTuning

@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM
 from lightning_safety.callbacks.audit import AUDIT_COLUMNS, RiskAuditLog, read_audit_log
 from lightning_safety.data import ChatSFTDataModule
 from lightning_safety.errors import LightningSafetyError
-from lightning_safety.losses import ThresholdRiskSchedule
+from lightning_safety.schedules import ThresholdRiskSchedule
 from lightning_safety.module import SafeFineTuning
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

@@ -293,7 +293,7 @@ def _module(**kwargs: object) -> Callable[[], object]:
 
 
 def _schedule(**kwargs: float) -> Callable[[], object]:
-    from lightning_safety.losses import LinearRiskSchedule
+    from lightning_safety.schedules import LinearRiskSchedule
 
     return lambda: LinearRiskSchedule(**kwargs)
 

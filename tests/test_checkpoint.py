@@ -10,7 +10,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_safety.data import ChatSFTDataModule
-from lightning_safety.losses import LinearRiskSchedule
+from lightning_safety.schedules import LinearRiskSchedule
 from lightning_safety.module import SafeFineTuning
 
 TINY_DATA = Path(__file__).resolve().parents[1] / "configs" / "data" / "tiny_chat.jsonl"

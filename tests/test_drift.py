@@ -16,7 +16,7 @@ from lightning_safety.callbacks import drift as drift_module
 from lightning_safety.data import ChatSFTDataModule
 from lightning_safety.errors import LightningSafetyError
 from lightning_safety.evaluation.drift import DriftError, build_canaries, canary_logprob, safety_drift
-from lightning_safety.losses import ConstantBeta
+from lightning_safety.schedules import ConstantBeta
 from lightning_safety.models import load_causal_lm, load_tokenizer
 from lightning_safety.module import SafeFineTuning
 
@@ -156,7 +156,7 @@ DDP_WORKER = textwrap.dedent(
     import torch
     from lightning_safety.callbacks import SafetyDriftController
     from lightning_safety.data import ChatSFTDataModule
-    from lightning_safety.losses import ConstantBeta
+    from lightning_safety.schedules import ConstantBeta
     from lightning_safety.module import SafeFineTuning
 
     out, model_dir, data_file, devices = Path(sys.argv[1]), sys.argv[2], sys.argv[3], int(sys.argv[4])

@@ -8,7 +8,7 @@ from torch import nn
 
 import lightning_safety.module as module_lib
 from lightning_safety.errors import IncompatibleReferenceError, ModelLoadError, RiskError
-from lightning_safety.losses import ConstantBeta, LinearRiskSchedule, ThresholdRiskSchedule
+from lightning_safety.schedules import ConstantBeta, LinearRiskSchedule, ThresholdRiskSchedule
 from lightning_safety.models import LoraSettings, reference_logits
 from lightning_safety.module import SafeFineTuning
 from lightning_safety.tiny_model import build_tiny_llama

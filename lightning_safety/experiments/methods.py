@@ -204,7 +204,7 @@ def finetune(
     from lightning_safety.callbacks import RiskCallback
     from lightning_safety.data.datamodule import ChatSFTDataModule
     from lightning_safety.data.records import FieldMap
-    from lightning_safety.losses import ConstantBeta, LinearRiskSchedule
+    from lightning_safety.schedules import ConstantBeta, LinearRiskSchedule
     from lightning_safety.models import load_tokenizer
     from lightning_safety.module import SafeFineTuning
 

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_safety.errors import RiskError
-from lightning_safety.losses import validate_risk
+from lightning_safety.schedules import validate_risk
 
 RISK_FIELD = "risk"
 
