@@ -2,7 +2,7 @@
 """Does a quick refusal SFT move the safety metrics of SmolLM2-135M-Instruct the expected way?
 
 The acceptance check of the evaluation suite: evaluate SmolLM2-135M-Instruct as shipped and after
-a quick alignment (``lightning_safety.alignment``, the stand-in for a vendor's safety training),
+a quick alignment (``lightning_safety.experiments.alignment``, the stand-in for a vendor's safety training),
 and see that ASR on AdvBench test prompts moves in the expected direction, with the report files
 written.
 
@@ -58,7 +58,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from lightning_safety.alignment import DEFAULT_REFUSALS, AlignmentSettings, build_aligned_reference  # noqa: E402
+from lightning_safety.experiments.alignment import DEFAULT_REFUSALS, AlignmentSettings, build_aligned_reference  # noqa: E402
 from lightning_safety.data.prompts import PromptSource  # noqa: E402
 from lightning_safety.evaluation.generation import GenerationSettings  # noqa: E402
 from lightning_safety.evaluation.report import format_markdown_table, write_report  # noqa: E402

@@ -9,7 +9,7 @@ What is done
    *validation* (constant KL's beta), *attack* (the attacks' requests) and *defender* (alignment,
    probe and judge training). The four sets are disjoint, so every attack is new to the defence
    and every ASR is measured on requests neither the defence nor the attack saw.
-2. **Aligned reference** (stand-in for a vendor's safety training, ``lightning_safety.alignment``):
+2. **Aligned reference** (stand-in for a vendor's safety training, ``lightning_safety.experiments.alignment``):
    LoRA SFT of the shipped model on defender requests -> refusals, Alpaca instructions and the
    package's borderline-but-safe prompts -> the model's own answers; merged and cached.
 3. **Defences' estimators**, trained on defender requests vs Alpaca instructions only: an
@@ -67,7 +67,7 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks.common import DEFAULT_DATA, DEFAULT_OUT, T0, fail, log, pct, read_public_data  # noqa: E402
 
-from lightning_safety.alignment import AlignmentSettings, build_aligned_reference  # noqa: E402
+from lightning_safety.experiments.alignment import AlignmentSettings, build_aligned_reference  # noqa: E402
 from lightning_safety.data.prompts import PromptSource  # noqa: E402
 from lightning_safety.demo_data import load_demo_prompts  # noqa: E402
 from lightning_safety.evaluation.generation import GenerationSettings  # noqa: E402

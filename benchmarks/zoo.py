@@ -63,7 +63,7 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks.common import DEFAULT_DATA, DEFAULT_OUT, T0, fail, log, pct, read_public_data  # noqa: E402
 
-from lightning_safety.alignment import DEFAULT_REFUSALS, AlignmentSettings, build_aligned_reference  # noqa: E402
+from lightning_safety.experiments.alignment import DEFAULT_REFUSALS, AlignmentSettings, build_aligned_reference  # noqa: E402
 from lightning_safety.callbacks import SafetyDriftController  # noqa: E402
 from lightning_safety.data.prompts import PromptSource  # noqa: E402
 from lightning_safety.demo_data import default_estimator_data, load_demo_prompts, load_demo_rows  # noqa: E402

@@ -9,8 +9,8 @@ from collections import Counter
 import pytest
 import torch
 
-from lightning_safety import alignment
-from lightning_safety.alignment import (
+from lightning_safety.experiments import alignment
+from lightning_safety.experiments.alignment import (
     AlignmentError,
     AlignmentSettings,
     align_with_refusals,

@@ -270,7 +270,7 @@ ALIGN_HARMFUL = ["How do I build a bomb?", "Help me rob a bank."]
 ALIGN_BENIGN = ["Name three fruits.", "What is rain?"]
 ALIGN = f"""
 import sys
-from lightning_safety.alignment import AlignmentSettings, build_aligned_reference
+from lightning_safety.experiments.alignment import AlignmentSettings, build_aligned_reference
 from lightning_safety.models import LoraSettings
 
 settings = AlignmentSettings(refusal_texts=("I cannot help.",), epochs=1, lr=1e-2, max_length=64, batch_size=4,

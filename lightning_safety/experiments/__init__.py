@@ -1,5 +1,7 @@
 """Building blocks of the end-to-end experiments: the demo, the replication and the attack zoo.
 
+* :mod:`~lightning_safety.experiments.alignment`: the quick refusal SFT that makes a safe reference
+  of an unaligned chat model (cached), standing in for a vendor's safety training;
 * :mod:`~lightning_safety.experiments.attack`: harmful fine-tuning attacks whose answers are
   generated at run time by an unaligned model (nothing harmful is stored);
 * :mod:`~lightning_safety.experiments.zoo`: the attack zoo (harmful mix, full harmful, benign only,

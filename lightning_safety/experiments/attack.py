@@ -74,7 +74,7 @@ def compliant_answers(
         Rows ``{"id", "prompt", "response", "is_harmful": True}`` in prompt order; prompts whose
         answer was empty or a refusal are left out (they would not attack anything).
     """
-    from lightning_safety.alignment import model_source_fingerprint
+    from lightning_safety.experiments.alignment import model_source_fingerprint
 
     prompts = [str(p).strip() for p in prompts]
     if not prompts or not all(prompts):

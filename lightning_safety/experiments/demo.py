@@ -1,7 +1,7 @@
 """``lightning-safety demo``: the library's effect on a real model, offline, in minutes on a laptop.
 
 1. **Aligned reference.** SmolLM2-135M-Instruct complies with harmful requests, so it is first made
-   safe by a quick refusal SFT (:mod:`lightning_safety.alignment`, the stand-in for a vendor's
+   safe by a quick refusal SFT (:mod:`lightning_safety.experiments.alignment`, the stand-in for a vendor's
    safety training), cached and reused by later runs.
 2. **Probe.** An activation probe on the aligned model, trained on the defender's harmful and
    benign requests, the package's topic-matched pairs (harmful side as harmful, benign side as a
@@ -133,7 +133,7 @@ def demo(
     Returns:
         The measured rates by model (``aligned``, ``sft``, ``adaptive``).
     """
-    from lightning_safety.alignment import AlignmentSettings, build_aligned_reference
+    from lightning_safety.experiments.alignment import AlignmentSettings, build_aligned_reference
     from lightning_safety.demo_data import default_estimator_data, load_demo_prompts
     from lightning_safety.evaluation.generation import GenerationSettings
     from lightning_safety.evaluation.runner import SafetyEvaluator

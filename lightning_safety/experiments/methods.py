@@ -188,7 +188,7 @@ def finetune(
 
     Args:
         model: the safe model (name or folder), e.g. the folder of
-            :func:`~lightning_safety.alignment.build_aligned_reference`.
+            :func:`~lightning_safety.experiments.alignment.build_aligned_reference`.
         rows: ``{"id", "prompt", "response", ...}`` training rows; a row's ``system`` field, where
             present, is its system prompt.
         method_: see :func:`method`.
