@@ -16,7 +16,7 @@ single copy of the model:
 * ``adaptive_25``: ``ThresholdRiskSchedule(0.5, beta_low=0.0, beta_high=0.9)`` with a quarter of
   the rows at risk 1 and the rest at 0: the reference runs on those ``B/4`` rows only.
 
-Also timed alone: the reference forward (``reference_logits("adapter_disabled", ...)``, no
+Also timed alone: the reference forward (``SafeFineTuning.reference_forward``, no
 gradients) on all ``B`` rows (``ref_all``) and on the risky rows (``ref_25``). The *limit* of a
 configuration is what it cannot beat: ``median(sft) + median(reference forward on the rows it
 needs)``; the table gives each configuration's median step as a ratio to SFT and to its limit.
@@ -137,7 +137,6 @@ def _expected_rows_per_step(args: argparse.Namespace, config: str) -> int:
 def reference_forward(setup: LoraSetup, rows: Tensor | None) -> None:
     """The frozen reference's forward alone (no_grad, adapter off), on all rows or ``rows``."""
     from lightning_safety.losses import ProjectedLogits
-    from lightning_safety.models import reference_logits
 
     batch = setup.batches["sft"]
     input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
@@ -145,15 +144,7 @@ def reference_forward(setup: LoraSetup, rows: Tensor | None) -> None:
         input_ids, attention_mask = input_ids[rows], attention_mask[rows]
     module = setup.module
     keep = module._logits_to_keep(batch["labels"])  # the same output-layer positions the step uses
-    logits = reference_logits(
-        module.reference_strategy,
-        module.policy,
-        module.reference,
-        input_ids,
-        attention_mask,
-        logits_to_keep=keep,
-        projection=module._reference_projection(input_ids),
-    )
+    logits = module.reference_forward(input_ids, attention_mask, logits_to_keep=keep)
     if isinstance(logits, ProjectedLogits):  # the step projects per chunk; the cost is the same
         logits.materialize()
 

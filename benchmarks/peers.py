@@ -207,7 +207,8 @@ class Peers:
 
 def frozen_base(args: argparse.Namespace, device: torch.device) -> nn.Module:
     """A second copy of the base model, frozen and in eval mode (GKD's teacher)."""
-    from lightning_safety.models import frozen_copy, load_causal_lm
+    from lightning_safety.models import load_causal_lm
+    from lightning_safety.reference import frozen_copy
 
     return frozen_copy(load_causal_lm(args.model, dtype=args.dtype)).to(device)
 
@@ -355,7 +356,7 @@ def expected_counts(args: argparse.Namespace) -> dict[str, dict[str, int]]:
 
 @contextmanager
 def counting(peers: Peers) -> Iterator[Callable[[], tuple[int, int]]]:
-    """Count reference rows (ours and the paper's: ``reference_logits``; GKD's teacher: a forward
+    """Count reference rows (ours and the paper's: ``Reference.logits``; GKD's teacher: a forward
     hook) and judge calls; yields a function returning the (rows, calls) totals so far."""
     teacher_rows: list[int] = []
     handle = None

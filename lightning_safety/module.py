@@ -35,23 +35,23 @@ from lightning_safety.distributed import (
     shard_model,
 )
 from lightning_safety.errors import LightningSafetyError, ModelLoadError
-from lightning_safety.losses import AdaptiveKLOutput, adaptive_kl_loss
+from lightning_safety.losses import AdaptiveKLOutput, ProjectedLogits, adaptive_kl_loss
 from lightning_safety.models import (
     LoraSettings,
-    ReferenceStrategy,
-    add_reference_adapter,
     apply_lora,
     causal_lm_logits,
-    check_same_vocabulary,
-    frozen_copy,
-    late_projection_matches,
-    late_projection_parts,
     load_adapter,
     load_causal_lm,
     load_tokenizer,
-    reference_logits,
-    resolve_reference_strategy,
     supports_logits_to_keep,
+)
+from lightning_safety.reference import (
+    Reference,
+    ReferenceStrategy,
+    add_reference_adapter,
+    check_same_vocabulary,
+    frozen_copy,
+    resolve_reference_strategy,
 )
 from lightning_safety.risk.base import ConstantRisk, FieldRisk, RiskEstimator, check_risk
 from lightning_safety.schedules import LinearRiskSchedule, RiskSchedule, schedule_from_config
@@ -59,7 +59,6 @@ from lightning_safety.tiny_model import TINY_MODEL_ALIAS
 
 _CHECKPOINT_KEY = "lightning_safety"
 _FSDP_SEGMENT, _CHECKPOINT_SEGMENT = "_fsdp_wrapped_module.", "_checkpoint_wrapped_module."
-_UNCHECKED = object()
 # Order of the per-step statistics reduced across processes in one all-reduce.
 _STATS = (
     "tokens", "denominator", "loss_sum", "nll_sum", "kl_sum", "kl_tokens", "beta_sum", "regularized", "risk_sum", "rows"
@@ -76,7 +75,7 @@ class SafeFineTuning(L.LightningModule):
         lora: LoRA settings; ``None`` trains every weight (full fine-tuning).
         adapter: path of an already trained PEFT adapter to continue training.
         reference: ``auto``, ``adapter_disabled``, ``adapter_copy``, ``model_copy`` or ``separate``
-            (see :mod:`lightning_safety.models`); ``auto`` picks the one that fits.
+            (see :mod:`lightning_safety.reference`); ``auto`` picks the one that fits.
         reference_model: the reference's name when ``reference`` is ``separate``.
         gradient_checkpointing: recompute activations in backward to save memory.
         trust_remote_code: allow models whose code lives on the hub (off unless asked).
@@ -176,7 +175,7 @@ class SafeFineTuning(L.LightningModule):
         self.policy: nn.Module | None = None
         self.reference: nn.Module | None = None  # only for model_copy / separate
         self._keep_logits_supported = False
-        self._projection: Any = _UNCHECKED
+        self._reference_view: Reference | None = None
         self._eval_stats: Tensor | None = None
         self._start_fingerprint: str | None = None
 
@@ -271,22 +270,31 @@ class SafeFineTuning(L.LightningModule):
         first = int(torch.where(is_response.any(dim=1), is_response.int().argmax(dim=1), labels.shape[1]).min())
         return labels.shape[1] - max(first - 1, 0)
 
-    def _reference_projection(self, input_ids: Tensor) -> tuple[nn.Module, nn.Module] | None:
-        """Decoder and output layer of the reference when its logits can be projected per chunk
-        in the loss (no [B, T, V] reference logits); checked once, on the first batch's tokens."""
-        if self._sharded:
-            # The late projection applies the reference's output layer outside its forward, where
-            # sharded weights are not gathered: the reference projects inside its forward instead.
-            return None
-        if self._projection is _UNCHECKED:
-            parts = late_projection_parts(self.reference_strategy, self.policy, self.reference)
-            probe = input_ids[:1, :16]
-            if parts is not None and not late_projection_matches(
-                self.reference_strategy, self.policy, self.reference, parts, probe
-            ):
-                parts = None
-            self._projection = parts
-        return self._projection
+    @property
+    def frozen_reference(self) -> Reference:
+        """The frozen reference, whatever the strategy (see :class:`~lightning_safety.reference.Reference`).
+
+        Rebuilt if a strategy replaced the policy or reference module after ``configure_model``
+        (FSDP1 wraps them in place). Sharded models project inside their forward, where their
+        weights are gathered, so the late projection is off for them.
+        """
+        view = self._reference_view
+        stale = view is None or view.policy is not self.policy or view.model is not self.reference
+        if stale or view.late_projection == self._sharded:
+            view = Reference(self.reference_strategy, self.policy, self.reference, late_projection=not self._sharded)
+            self._reference_view = view
+        return view
+
+    def reference_forward(
+        self, input_ids: Tensor, attention_mask: Tensor | None = None, logits_to_keep: int = 0
+    ) -> Tensor | ProjectedLogits:
+        """The frozen reference's logits ``[B, T', V]`` for a batch, exactly as a training step computes them.
+
+        No gradients, dropout off; :class:`~lightning_safety.losses.ProjectedLogits` (final hidden
+        states + output layer) where the logits can be projected per chunk in the loss; call
+        ``.materialize()`` on it for a tensor. ``logits_to_keep = k > 0`` keeps the last k positions.
+        """
+        return self.frozen_reference.logits(input_ids, attention_mask, logits_to_keep)
 
     def risk_for(self, batch: Mapping[str, Any]) -> Tensor:
         """Validated per-example risk [B] in [0, 1] for a batch (fails closed on bad scores)."""
@@ -321,15 +329,7 @@ class SafeFineTuning(L.LightningModule):
                 mask_ref = attention_mask[rows] if attention_mask is not None else None
             else:
                 input_ids_ref, mask_ref = input_ids, attention_mask
-            ref_logits = reference_logits(
-                self.reference_strategy,
-                self.policy,
-                self.reference,
-                input_ids_ref,
-                mask_ref,
-                logits_to_keep=keep,
-                projection=self._reference_projection(input_ids),
-            )
+            ref_logits = self.reference_forward(input_ids_ref, mask_ref, logits_to_keep=keep)
         policy_logits = self(input_ids, attention_mask, logits_to_keep=keep)
         out = adaptive_kl_loss(
             policy_logits,

@@ -46,6 +46,10 @@ def test_the_loss_file_does_not_import_models_or_risk():
     assert not {m for m in imported if m.startswith(("lightning_safety.models", "lightning_safety.risk", "lightning_safety.module"))}
 
 
+def test_models_does_not_import_the_loss():
+    assert "lightning_safety.losses" not in imported_modules(PACKAGE / "models.py")
+
+
 def test_risk_is_validated_once_per_training_step(tiny_model_dir, monkeypatch):
     calls = []
     original = schedules_lib.validate_risk

@@ -6,10 +6,11 @@ import pytest
 import torch
 from torch import nn
 
-import lightning_safety.module as module_lib
 from lightning_safety.errors import IncompatibleReferenceError, ModelLoadError, RiskError
 from lightning_safety.schedules import ConstantBeta, LinearRiskSchedule, ThresholdRiskSchedule
-from lightning_safety.models import LoraSettings, reference_logits
+import lightning_safety.reference as reference_lib
+from lightning_safety.models import LoraSettings
+from lightning_safety.reference import reference_logits
 from lightning_safety.module import SafeFineTuning
 from lightning_safety.tiny_model import build_tiny_llama
 
@@ -128,13 +129,13 @@ def test_model_copy_reference_is_frozen_and_outside_the_optimizer(tiny_model_dir
 
 def count_reference_calls(monkeypatch) -> list[int]:
     rows: list[int] = []
-    original = module_lib.reference_logits
+    original = reference_lib.Reference.logits
 
-    def counting(strategy, policy, reference, input_ids, attention_mask, **kwargs):
+    def counting(self, input_ids, attention_mask, logits_to_keep=0):
         rows.append(input_ids.shape[0])
-        return original(strategy, policy, reference, input_ids, attention_mask, **kwargs)
+        return original(self, input_ids, attention_mask, logits_to_keep)
 
-    monkeypatch.setattr(module_lib, "reference_logits", counting)
+    monkeypatch.setattr(reference_lib.Reference, "logits", counting)
     return rows
 
 
@@ -248,8 +249,8 @@ def test_reference_logits_are_projected_per_chunk_with_the_same_result(tiny_mode
     batch = make_batch(risk=[0.0, 0.4, 0.8, 1.0])
     one_step(module, batch)  # so that policy and reference differ
     out, _, _ = module.compute_loss(batch, update_schedule=False)
-    assert module._projection is not None, "a plain Llama head should be projected late"
-    module._projection = None  # the materialised [B, T, V] reference logits
+    assert module.frozen_reference.projection(batch["input_ids"]) is not None, "a plain Llama head should be projected late"
+    module.frozen_reference._projection = None  # the materialised [B, T, V] reference logits
     full, _, _ = module.compute_loss(batch, update_schedule=False)
     assert full.kl > 0
     torch.testing.assert_close(out.loss, full.loss, rtol=1e-5, atol=1e-6)
@@ -267,7 +268,7 @@ def test_a_reference_that_post_processes_its_logits_is_not_projected_late(tiny_m
 
     module.reference.forward = soft_capped
     out, _, _ = module.compute_loss(make_batch(risk=[1.0, 1.0, 1.0, 1.0]), update_schedule=False)
-    assert module._projection is None
+    assert module.frozen_reference.projection(make_batch()["input_ids"]) is None
     assert torch.isfinite(out.loss)
 
 

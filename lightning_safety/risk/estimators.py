@@ -17,7 +17,8 @@ from torch import Tensor, nn
 
 from lightning_safety.distributed import is_fsdp1, is_sharded
 from lightning_safety.errors import RiskError
-from lightning_safety.models import is_peft_model, reference_adapter
+from lightning_safety.models import is_peft_model
+from lightning_safety.reference import reference_adapter
 from lightning_safety.risk.base import RiskEstimator
 from lightning_safety.risk.hooks import LayerTaps
 from lightning_safety.risk.judges import Judge
