@@ -102,21 +102,30 @@ class ProjectedLogits:
 
     Indexing (``logits[rows, positions]``) applies the output layer to the selected hidden states
     only, so the loss, which asks for one chunk of response tokens at a time, never materialises
-    a float32 ``[R, T, V]`` tensor for the reference: with ``chunk_size`` the reference costs one
-    ``[chunk, V]`` block, like the policy's own temporaries. Give it only frozen, gradient-free
-    parts (the reference's hidden states computed under ``no_grad`` and a frozen output layer
-    that has no post-processing such as logit soft-capping).
+    a float32 ``[R, T, V]`` tensor: with ``chunk_size`` a side costs one ``[chunk, V]`` block.
+
+    For the reference (``trainable=False``, the default) give it only frozen, gradient-free parts:
+    the reference's hidden states computed under ``no_grad`` and a frozen output layer. For the
+    policy (``trainable=True``) the hidden states keep their graph and the output layer may be
+    trained: the loss then gathers the response tokens' hidden states and applies the output
+    layer inside each checkpointed chunk (a fused, chunked linear + loss), so the policy's
+    ``[N, V]`` logits are never stored either. Either way the output layer must not
+    post-process (logit soft-capping, scaling): check with the model's own logits first.
 
     Args:
         hidden: ``[R, T, H]`` final hidden states (after the final norm).
         output_layer: maps ``[..., H]`` to ``[..., V]`` logits (the model's ``lm_head``).
         vocab_size: ``V``.
+        trainable: keep gradients (the policy's side).
     """
 
-    def __init__(self, hidden: Tensor, output_layer: Callable[[Tensor], Tensor], vocab_size: int) -> None:
-        self.hidden = hidden.detach()
+    def __init__(
+        self, hidden: Tensor, output_layer: Callable[[Tensor], Tensor], vocab_size: int, *, trainable: bool = False
+    ) -> None:
+        self.hidden = hidden if trainable else hidden.detach()
         self.output_layer = output_layer
         self.vocab_size = int(vocab_size)
+        self.trainable = trainable
 
     @property
     def shape(self) -> torch.Size:
@@ -130,6 +139,10 @@ class ProjectedLogits:
     def dtype(self) -> torch.dtype:
         return self.hidden.dtype
 
+    @property
+    def requires_grad(self) -> bool:
+        return self.trainable and torch.is_grad_enabled()
+
     def dim(self) -> int:
         return 3
 
@@ -137,9 +150,13 @@ class ProjectedLogits:
         return True
 
     def detach(self) -> "ProjectedLogits":
-        return self
+        if not self.trainable:
+            return self
+        return ProjectedLogits(self.hidden.detach(), self.output_layer, self.vocab_size)
 
     def __getitem__(self, index: Any) -> Tensor:
+        if self.trainable:
+            return self.output_layer(self.hidden[index])
         with torch.no_grad():
             return self.output_layer(self.hidden[index])
 
@@ -191,7 +208,9 @@ def adaptive_kl_loss(
     them and validating the inputs costs a few host-device syncs per call.
 
     Args:
-        policy_logits: ``[B, T, V]`` logits of the policy, any float dtype.
+        policy_logits: ``[B, T, V]`` logits of the policy, any float dtype, or
+            :class:`ProjectedLogits` with ``trainable=True`` (hidden states + output layer,
+            projected inside each chunk: no ``[N, V]`` policy logits are stored).
         reference_logits: ``[R, T, V]`` logits of the reference for the rows in
             ``reference_rows`` (all ``B`` rows when that is None), or None when every beta is 0;
             or :class:`ProjectedLogits` (hidden states + output layer), projected per chunk.
@@ -240,7 +259,7 @@ def adaptive_kl_loss(
 
 def _align_labels(policy_logits: Tensor, labels: Tensor, ignore_index: int) -> Tensor:
     """Labels of the last ``T'`` positions when the logits cover only those (``logits_to_keep``)."""
-    if not isinstance(policy_logits, Tensor) or not isinstance(labels, Tensor):
+    if not isinstance(policy_logits, (Tensor, ProjectedLogits)) or not isinstance(labels, Tensor):
         return labels
     if policy_logits.dim() != 3 or labels.dim() != 2 or policy_logits.shape[1] >= labels.shape[1]:
         return labels
@@ -257,7 +276,7 @@ def _align_labels(policy_logits: Tensor, labels: Tensor, ignore_index: int) -> T
 
 def _check_logits_and_labels(policy_logits: Tensor, labels: Tensor) -> tuple[int, int, int]:
     """Validate ``[B, T, V]`` float logits against ``[B, T]`` integer labels; return B, T, V."""
-    if not isinstance(policy_logits, Tensor) or policy_logits.dim() != 3:
+    if not isinstance(policy_logits, (Tensor, ProjectedLogits)) or policy_logits.dim() != 3:
         is_tensor = isinstance(policy_logits, Tensor)
         got = tuple(policy_logits.shape) if is_tensor else type(policy_logits).__name__
         raise DataError(
@@ -441,11 +460,13 @@ def _token_losses(
     ref_rows: Tensor,
     ref_positions: Tensor,
     direction: Direction,
+    project: Callable[[Tensor], Tensor] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Per-token NLL and KL for one chunk of ``n`` response tokens, in float32.
 
     Args:
-        policy: ``[n, V]`` policy logits of the chunk's tokens.
+        policy: ``[n, V]`` policy logits of the chunk's tokens, or ``[n, H]`` hidden states
+            when ``project`` (the policy's output layer) is given.
         targets: ``[n]`` int64 label ids.
         reference_logits: ``[R, T, V]`` detached reference logits, or None.
         ref_rows, ref_positions: ``[m]`` int64 (``m <= n``): where the reference logits of the
@@ -455,7 +476,7 @@ def _token_losses(
     Returns:
         ``nll [n]`` and ``kl [m]``.
     """
-    x = policy.float()
+    x = (policy if project is None else project(policy)).float()
     lse = torch.logsumexp(x, dim=-1)  # [n]
     # NLL via logsumexp and a gather: no [n, V] log-softmax for rows that need no KL.
     nll = lse - x.gather(-1, targets[:, None]).squeeze(-1)
@@ -484,10 +505,15 @@ def _token_losses_chunked(
     inside each chunk instead would make every chunk's backward zero-fill a full ``[B, T, V]``
     gradient. Everything float32 and ``V``-wide is then made one chunk at a time.
     """
-    policy = policy_logits[plan.rows, plan.positions]  # [N, V], logits dtype
+    project = None
+    if isinstance(policy_logits, ProjectedLogits):
+        # Fused: gather [N, H] hidden states; the output layer runs inside each chunk.
+        policy, project = policy_logits.hidden[plan.rows, plan.positions], policy_logits.output_layer
+    else:
+        policy = policy_logits[plan.rows, plan.positions]  # [N, V], logits dtype
     reference = reference_logits.detach() if reference_logits is not None else None  # frozen
     ref_positions = plan.positions[: plan.num_ref_tokens]
-    fn = functools.partial(_token_losses, direction=direction)
+    fn = functools.partial(_token_losses, direction=direction, project=project)
     if chunk_size is None:
         return fn(policy, plan.targets, reference, plan.ref_rows, ref_positions)
 
@@ -499,7 +525,7 @@ def _token_losses_chunked(
     ref_row_chunks = plan.ref_rows.split(chunk_size)
     ref_pos_chunks = ref_positions.split(chunk_size)
     empty = plan.ref_rows.new_zeros(0)
-    recompute = torch.is_grad_enabled() and policy.requires_grad
+    recompute = torch.is_grad_enabled() and (policy.requires_grad or getattr(policy_logits, "trainable", False))
     nll_parts, kl_parts = [], []
     for i, (p_chunk, t_chunk) in enumerate(zip(policy_chunks, target_chunks)):
         has_ref = i < len(ref_row_chunks)

@@ -386,6 +386,35 @@ def supports_logits_to_keep(model: nn.Module) -> bool:
     return "logits_to_keep" in inspect.signature(base.forward).parameters
 
 
+def decoder_and_output_layer(model: nn.Module) -> tuple[nn.Module, nn.Linear] | None:
+    """A causal LM's decoder (returns final hidden states ``[B, T, H]``) and its output layer.
+
+    None when the model does not expose the usual ``base_model_prefix`` decoder or its output
+    layer is not a plain ``nn.Linear``. With PEFT the LoRA layers sit inside the decoder, so
+    calling it applies them. Whether ``output_layer(decoder(x))`` reproduces the model's own
+    logits (no soft-capping or scaling) must be checked on real tokens:
+    :func:`split_forward_matches`.
+    """
+    causal = model.get_base_model() if is_peft_model(model) else model
+    prefix = getattr(causal, "base_model_prefix", "")
+    decoder = getattr(causal, prefix, None) if prefix else None
+    head = causal.get_output_embeddings() if hasattr(causal, "get_output_embeddings") else None
+    if not isinstance(decoder, nn.Module) or decoder is causal or type(head) is not nn.Linear:
+        return None
+    return decoder, head
+
+
+@torch.no_grad()
+def split_forward_matches(model: nn.Module, parts: tuple[nn.Module, nn.Module], input_ids: Tensor) -> bool:
+    """Check on ``input_ids`` [B, T] (a few real tokens) that decoder + output layer give the model's logits."""
+    decoder, head = parts
+    with eval_mode(model):
+        full = causal_lm_logits(model, input_ids, None)
+        split = head(decoder(input_ids=input_ids).last_hidden_state)
+    scale = float(full.abs().max().clamp(min=1.0))
+    return full.shape == split.shape and bool(torch.allclose(full.float(), split.float(), rtol=1e-3, atol=1e-4 * scale))
+
+
 def causal_lm_logits(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None, logits_to_keep: int = 0) -> Tensor:
     """Logits [B, T', V] of a causal LM; with ``logits_to_keep = k > 0`` only the last k positions."""
     kwargs = {"logits_to_keep": logits_to_keep} if logits_to_keep else {}

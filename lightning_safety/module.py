@@ -40,9 +40,11 @@ from lightning_safety.models import (
     LoraSettings,
     apply_lora,
     causal_lm_logits,
+    decoder_and_output_layer,
     load_adapter,
     load_causal_lm,
     load_tokenizer,
+    split_forward_matches,
     supports_logits_to_keep,
 )
 from lightning_safety.reference import (
@@ -58,6 +60,7 @@ from lightning_safety.schedules import LinearRiskSchedule, RiskSchedule, schedul
 from lightning_safety.tiny_model import TINY_MODEL_ALIAS
 
 _CHECKPOINT_KEY = "lightning_safety"
+_UNCHECKED = object()
 _FSDP_SEGMENT, _CHECKPOINT_SEGMENT = "_fsdp_wrapped_module.", "_checkpoint_wrapped_module."
 # Order of the per-step statistics reduced across processes in one all-reduce.
 _STATS = (
@@ -92,6 +95,11 @@ class SafeFineTuning(L.LightningModule):
             have much longer responses than the task's (see :func:`adaptive_kl_loss`).
         chunk_size: compute NLL and KL over chunks of this many response tokens so that no more
             than one chunk of float32 [B, chunk, V] temporaries is alive (None: all at once).
+        fused_output_layer: apply the policy's output layer inside the loss, per chunk of
+            response tokens (a fused linear + loss): the policy's ``[B, T, V]`` logits are never
+            stored, at the price of recomputing the output layer in backward. ``None`` turns it
+            on when ``chunk_size`` is set. Used only where it reproduces the model's own logits
+            (checked once on real tokens) and the policy is not sharded.
         sharding: FSDP2 settings (:class:`~lightning_safety.distributed.ShardingSettings`: mixed
             precision, resharding, CPU offload) used when the trainer's strategy is
             ``ModelParallelStrategy``: ``configure_model`` then shards the policy and the frozen
@@ -128,6 +136,7 @@ class SafeFineTuning(L.LightningModule):
         direction: Literal["forward", "reverse"] = "forward",
         normalization: Literal["token", "example"] = "token",
         chunk_size: int | None = None,
+        fused_output_layer: bool | None = None,
         sharding: ShardingSettings | None = None,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         lr_scheduler: LRSchedulerCallable | None = None,
@@ -169,6 +178,8 @@ class SafeFineTuning(L.LightningModule):
             raise LightningSafetyError(f"normalization must be 'token' or 'example'; got {normalization!r}")
         self.normalization = normalization
         self.chunk_size = chunk_size
+        self.fused_output_layer = chunk_size is not None if fused_output_layer is None else bool(fused_output_layer)
+        self._policy_parts: Any = _UNCHECKED
         self.beta_floor = 0.0
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
@@ -259,6 +270,28 @@ class SafeFineTuning(L.LightningModule):
         """Policy logits [B, T, V] (the last ``logits_to_keep`` positions only when > 0)."""
         return causal_lm_logits(self.policy, input_ids, attention_mask, logits_to_keep)
 
+    def _policy_logits(self, input_ids: Tensor, attention_mask: Tensor | None, keep: int) -> Tensor | ProjectedLogits:
+        """Policy logits ``[B, T', V]`` for the loss: hidden states + output layer when fused."""
+        parts = self._fused_parts(input_ids)
+        if parts is None:
+            return self(input_ids, attention_mask, logits_to_keep=keep)
+        decoder, output_layer = parts
+        hidden = decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        if keep:
+            hidden = hidden[:, -keep:]
+        return ProjectedLogits(hidden, output_layer, output_layer.out_features, trainable=True)
+
+    def _fused_parts(self, input_ids: Tensor) -> tuple[nn.Module, nn.Module] | None:
+        """The policy's decoder and output layer when the output layer is fused into the loss."""
+        if not self.fused_output_layer or self._sharded:
+            return None
+        if self._policy_parts is _UNCHECKED:
+            parts = decoder_and_output_layer(self.policy)
+            if parts is not None and not split_forward_matches(self.policy, parts, input_ids[:1, :16]):
+                parts = None
+            self._policy_parts = parts
+        return self._policy_parts
+
     def _logits_to_keep(self, labels: Tensor) -> int:
         """Positions from one before the earliest response token on: the output layer (a [T, V]
         matmul per row) and the logits' memory are not spent on prompt positions."""
@@ -330,7 +363,7 @@ class SafeFineTuning(L.LightningModule):
             else:
                 input_ids_ref, mask_ref = input_ids, attention_mask
             ref_logits = self.reference_forward(input_ids_ref, mask_ref, logits_to_keep=keep)
-        policy_logits = self(input_ids, attention_mask, logits_to_keep=keep)
+        policy_logits = self._policy_logits(input_ids, attention_mask, keep)
         out = adaptive_kl_loss(
             policy_logits,
             ref_logits,

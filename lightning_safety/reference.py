@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from lightning_safety.errors import IncompatibleReferenceError, ModelLoadError
 from lightning_safety.losses import ProjectedLogits
-from lightning_safety.models import causal_lm_logits, eval_mode, is_peft_model, supports_logits_to_keep
+from lightning_safety.models import causal_lm_logits, decoder_and_output_layer, eval_mode, supports_logits_to_keep
 
 __all__ = [
     "Reference",
@@ -235,15 +235,10 @@ def late_projection_parts(strategy: str, policy: nn.Module, reference: nn.Module
     model = reference if strategy in ("model_copy", "separate") else policy
     if model is None:
         return None
-    causal = model.get_base_model() if is_peft_model(model) else model
-    prefix = getattr(causal, "base_model_prefix", "")
-    decoder = getattr(causal, prefix, None) if prefix else None
-    head = causal.get_output_embeddings() if hasattr(causal, "get_output_embeddings") else None
-    if not isinstance(decoder, nn.Module) or decoder is causal or type(head) is not nn.Linear:
+    parts = decoder_and_output_layer(model)
+    if parts is None or any(p.requires_grad for p in parts[1].parameters()):
         return None
-    if any(p.requires_grad for p in head.parameters()):
-        return None
-    return decoder, head
+    return parts
 
 
 def late_projection_matches(

@@ -576,3 +576,42 @@ def test_projected_reference_logits_equal_materialised_ones(chunk_size):
     torch.testing.assert_close(lazy.kl_per_example, full.kl_per_example)
     torch.testing.assert_close(grad_lazy, grad_full)
     assert lazy.kl > 0
+
+
+@pytest.mark.parametrize("chunk_size", [None, 3, 64])
+@pytest.mark.parametrize("direction,normalization", [("forward", "token"), ("reverse", "example")])
+def test_fused_policy_output_layer_gives_the_loss_and_gradients_of_full_logits(chunk_size, direction, normalization):
+    """Policy as hidden states + a trainable output layer, projected per chunk inside the loss."""
+    from lightning_safety.losses import ProjectedLogits
+
+    torch.manual_seed(2)
+    head = torch.nn.Linear(6, 13, bias=False)
+    hidden = torch.randn(3, 9, 6, requires_grad=True)
+    ref = torch.randn(2, 8, 13)  # the last 8 positions only, as with logits_to_keep
+    labels = torch.randint(0, 13, (3, 9))
+    labels[:, :3] = -100
+    labels[1, 7:] = -100  # padding
+    beta = torch.tensor([0.5, 0.0, 0.9])
+    kwargs = {"reference_rows": torch.tensor([0, 2]), "chunk_size": chunk_size, "direction": direction, "normalization": normalization}
+
+    fused = adaptive_kl_loss(ProjectedLogits(hidden[:, 1:], head, 13, trainable=True), ref, labels, beta, **kwargs)
+    grads_fused = torch.autograd.grad(fused.loss, [hidden, head.weight])
+    full = adaptive_kl_loss(head(hidden[:, 1:]), ref, labels, beta, **kwargs)
+    grads_full = torch.autograd.grad(full.loss, [hidden, head.weight])
+
+    torch.testing.assert_close(fused.loss, full.loss, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(fused.kl_per_example, full.kl_per_example, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(fused.nll_per_example, full.nll_per_example, rtol=1e-6, atol=1e-6)
+    for got, want in zip(grads_fused, grads_full):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+    assert float(fused.kl) > 0 and grads_fused[1].abs().sum() > 0
+
+
+def test_a_trainable_projection_is_not_detached_and_a_frozen_one_is():
+    from lightning_safety.losses import ProjectedLogits
+
+    head = torch.nn.Linear(4, 5, bias=False)
+    hidden = torch.randn(1, 3, 4, requires_grad=True)
+    assert ProjectedLogits(hidden, head, 5, trainable=True)[:, :].requires_grad
+    assert not ProjectedLogits(hidden, head, 5)[:, :].requires_grad
+    assert not ProjectedLogits(hidden, head, 5, trainable=True).detach()[:, :].requires_grad

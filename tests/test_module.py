@@ -281,3 +281,49 @@ def test_a_model_object_is_registered_once(tiny_model_dir):
     keys = list(module.state_dict())
     assert keys and all(key.startswith(("policy.", "reference.")) for key in keys)
     assert sum(key.startswith("policy.") for key in keys) == len(model.state_dict())
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"lora": LoraSettings(r=4, dropout=0.0)}, {"reference": "model_copy"}],
+    ids=["lora", "full_fine_tuning"],
+)
+def test_fused_output_layer_gives_the_same_loss_and_gradients(tiny_model_dir, kwargs):
+    batch = make_batch(risk=[0.0, 0.4, 0.8, 1.0])
+    results = {}
+    for fused in (True, False):
+        torch.manual_seed(0)
+        module = build(tiny_model_dir, chunk_size=8, fused_output_layer=fused, **kwargs)
+        module.train()
+        out, _, _ = module.compute_loss(batch, update_schedule=False)
+        out.loss.backward()
+        assert (module._fused_parts(batch["input_ids"]) is not None) == fused
+        grads = {n: p.grad.clone() for n, p in module.policy.named_parameters() if p.grad is not None}
+        results[fused] = (out, grads)
+    (fused_out, fused_grads), (plain_out, plain_grads) = results[True], results[False]
+    torch.testing.assert_close(fused_out.loss, plain_out.loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(fused_out.kl_per_example, plain_out.kl_per_example, rtol=1e-4, atol=1e-6)
+    assert fused_grads.keys() == plain_grads.keys() and fused_grads
+    for name in plain_grads:
+        torch.testing.assert_close(fused_grads[name], plain_grads[name], rtol=1e-4, atol=1e-6)
+
+
+def test_the_output_layer_is_fused_by_default_only_with_chunks(tiny_model_dir):
+    assert build(tiny_model_dir, chunk_size=8).fused_output_layer
+    assert not build(tiny_model_dir).fused_output_layer
+
+
+def test_a_policy_that_post_processes_its_logits_is_not_fused(tiny_model_dir):
+    module = build(tiny_model_dir, chunk_size=8, reference="model_copy")
+    original = module.policy.forward
+
+    def soft_capped(*args, **kwargs):  # like Gemma-2's final logit soft-capping
+        output = original(*args, **kwargs)
+        output.logits = 5.0 * torch.tanh(output.logits / 5.0)
+        return output
+
+    module.policy.forward = soft_capped
+    batch = make_batch(risk=[1.0, 0.0, 1.0, 0.0])
+    out, _, _ = module.compute_loss(batch, update_schedule=False)
+    assert module._fused_parts(batch["input_ids"]) is None
+    assert torch.isfinite(out.loss)
