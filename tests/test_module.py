@@ -127,6 +127,18 @@ def test_model_copy_reference_is_frozen_and_outside_the_optimizer(tiny_model_dir
     assert not optimised & {id(p) for p in module.reference.parameters()}
 
 
+def soft_cap_logits(model: nn.Module) -> None:
+    """Make ``model`` post-process its logits, like Gemma-2's final logit soft-capping."""
+    original = model.forward
+
+    def soft_capped(*args, **kwargs):
+        output = original(*args, **kwargs)
+        output.logits = 5.0 * torch.tanh(output.logits / 5.0)
+        return output
+
+    model.forward = soft_capped
+
+
 def count_reference_calls(monkeypatch) -> list[int]:
     rows: list[int] = []
     original = reference_lib.Reference.logits
@@ -259,14 +271,7 @@ def test_reference_logits_are_projected_per_chunk_with_the_same_result(tiny_mode
 
 def test_a_reference_that_post_processes_its_logits_is_not_projected_late(tiny_model_dir):
     module = build(tiny_model_dir, reference="model_copy")
-    original = module.reference.forward
-
-    def soft_capped(*args, **kwargs):  # like Gemma-2's final logit soft-capping
-        output = original(*args, **kwargs)
-        output.logits = 5.0 * torch.tanh(output.logits / 5.0)
-        return output
-
-    module.reference.forward = soft_capped
+    soft_cap_logits(module.reference)
     out, _, _ = module.compute_loss(make_batch(risk=[1.0, 1.0, 1.0, 1.0]), update_schedule=False)
     assert module.frozen_reference.projection(make_batch()["input_ids"]) is None
     assert torch.isfinite(out.loss)
@@ -315,14 +320,7 @@ def test_the_output_layer_is_fused_by_default_only_with_chunks(tiny_model_dir):
 
 def test_a_policy_that_post_processes_its_logits_is_not_fused(tiny_model_dir):
     module = build(tiny_model_dir, chunk_size=8, reference="model_copy")
-    original = module.policy.forward
-
-    def soft_capped(*args, **kwargs):  # like Gemma-2's final logit soft-capping
-        output = original(*args, **kwargs)
-        output.logits = 5.0 * torch.tanh(output.logits / 5.0)
-        return output
-
-    module.policy.forward = soft_capped
+    soft_cap_logits(module.policy)
     batch = make_batch(risk=[1.0, 0.0, 1.0, 0.0])
     out, _, _ = module.compute_loss(batch, update_schedule=False)
     assert module._fused_parts(batch["input_ids"]) is None
