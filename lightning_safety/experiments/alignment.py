@@ -34,7 +34,6 @@ import hashlib
 import json
 import math
 import random
-import tempfile
 import time
 import warnings
 from collections.abc import Sequence
@@ -42,15 +41,15 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
-from lightning_safety.errors import LightningSafetyError
 from lightning_safety.data.formatting import render_ids
+from lightning_safety.errors import LightningSafetyError
 from lightning_safety.evaluation.generation import GenerationSettings, generate_responses, prompt_messages
+from lightning_safety.experiments.recipe import fine_tune
 from lightning_safety.models import LoraSettings, load_causal_lm, load_tokenizer, resolve_model_source
 from lightning_safety.paths import atomic_directory, cache_root, save_pretrained_here
-from lightning_safety.quiet import quiet_training
+from lightning_safety.schedules import ConstantBeta
 
 __all__ = [
     "ALIGNMENT_VERSION",
@@ -82,6 +81,8 @@ _INFO_FILE = "alignment.json"
 # answer longer than max_length after that (see _benign_token_cap).
 _CAP_MARGIN = 8
 _RECORDS_FILE = "records.jsonl"
+# torch.optim.AdamW's default weight decay, which the alignment has always trained with (part of its weights).
+_ADAMW_DEFAULT_DECAY = 0.01
 
 
 class AlignmentError(LightningSafetyError):
@@ -263,9 +264,9 @@ def align_with_refusals(
 ) -> nn.Module:
     """Teach ``model`` to refuse ``harmful_prompts`` (a stand-in for a vendor's safety training).
 
-    A plain LoRA SFT (:class:`~lightning_safety.module.SafeFineTuning` with ``ConstantBeta(0.0)``,
-    through a Lightning ``Trainer``) on harmful prompt -> refusal and benign prompt -> the model's
-    own greedy answer (see :func:`build_alignment_records`), then the LoRA is merged into the weights.
+    A plain LoRA SFT (the experiments' recipe, :func:`~lightning_safety.experiments.recipe.fine_tune`,
+    with ``ConstantBeta(0.0)``) on harmful prompt -> refusal and benign prompt -> the model's own
+    greedy answer (see :func:`build_alignment_records`), then the LoRA is merged into the weights.
 
     Args:
         model: a Hugging Face causal LM, or a model name / folder for :func:`~lightning_safety.models.load_causal_lm`.
@@ -282,12 +283,6 @@ def align_with_refusals(
         The aligned model: a plain Hugging Face model (no PEFT wrapper), in eval mode, with every
         weight trainable as a freshly loaded model.
     """
-    import lightning as L
-
-    from lightning_safety.data.datamodule import ChatSFTDataModule
-    from lightning_safety.schedules import ConstantBeta
-    from lightning_safety.module import SafeFineTuning
-
     harmful, benign = _clean_inputs(harmful_prompts, benign_prompts)
     settings = settings or AlignmentSettings()
     if isinstance(tokenizer, str):
@@ -297,44 +292,18 @@ def align_with_refusals(
     # A copy: LoRA injection and merging change the modules in place, and callers (the benchmark
     # evaluates "shipped" against "aligned") expect the model they passed to stay as shipped.
     policy = load_causal_lm(model) if isinstance(model, str) else copy.deepcopy(model)
-
-    with torch.random.fork_rng(devices=[]):
-        # Seeded inside a forked RNG: reproducible LoRA init and dropout without changing the caller's RNG.
-        torch.manual_seed(settings.seed)
-        cap = settings.max_new_tokens_benign or _benign_token_cap(tokenizer, benign, settings.max_length)
-        rows = build_alignment_records(
-            policy, tokenizer, harmful, benign, refusal_texts=settings.refusal_texts, seed=settings.seed,
-            max_new_tokens_benign=cap, generation_batch_size=settings.generation_batch_size, progress=progress,
-        )
-        if records is not None:
-            records[:] = rows
-        data = ChatSFTDataModule(train=rows, tokenizer=tokenizer, max_length=settings.max_length,
-                                 batch_size=settings.batch_size, seed=settings.seed)
-        module = SafeFineTuning(
-            policy,
-            lora=settings.lora,
-            reference="adapter_disabled",  # never consulted: beta = 0 skips the reference forward
-            schedule=ConstantBeta(0.0),
-            optimizer=lambda params: torch.optim.AdamW(params, lr=settings.lr),
-        )
-        with tempfile.TemporaryDirectory(prefix="lightning-safety-align-") as root, quiet_training(not progress):
-            trainer = L.Trainer(
-                accelerator="cpu",
-                devices=1,
-                max_epochs=settings.epochs,
-                logger=False,
-                enable_checkpointing=False,
-                enable_progress_bar=progress,
-                enable_model_summary=False,
-                num_sanity_val_steps=0,
-                log_every_n_steps=1,
-                gradient_clip_val=1.0,  # a high lr on a handful of rows must not blow up a step
-                default_root_dir=root,
-            )
-            trainer.fit(module, datamodule=data)
-    merged = module.policy.merge_and_unload()
-    del trainer, module
-    merged.eval()
+    cap = settings.max_new_tokens_benign or _benign_token_cap(tokenizer, benign, settings.max_length)
+    rows = build_alignment_records(  # greedy answers: no random numbers drawn
+        policy, tokenizer, harmful, benign, refusal_texts=settings.refusal_texts, seed=settings.seed,
+        max_new_tokens_benign=cap, generation_batch_size=settings.generation_batch_size, progress=progress,
+    )
+    if records is not None:
+        records[:] = rows
+    merged = fine_tune(
+        policy, rows, tokenizer, schedule=ConstantBeta(0.0), lora=settings.lora, epochs=settings.epochs,
+        lr=settings.lr, weight_decay=_ADAMW_DEFAULT_DECAY, max_length=settings.max_length,
+        batch_size=settings.batch_size, seed=settings.seed, progress=progress,
+    ).model
     merged.requires_grad_(True)  # as from_pretrained gives it: PEFT had frozen the base weights
     return merged
 
@@ -350,7 +319,7 @@ def _benign_token_cap(tokenizer: Any, prompts: Sequence[str], max_length: int) -
 def _bar(total: int, desc: str, *, enabled: bool) -> Any:
     if not enabled or total == 0:
         return None
-    from tqdm.auto import tqdm
+    from tqdm.auto import tqdm  # imported only when a bar is shown, as elsewhere in the package
 
     return tqdm(total=total, desc=desc, unit="prompt", leave=False)
 

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from lightning_safety.errors import DataError
+from lightning_safety.experiments.alignment import model_source_fingerprint
 from lightning_safety.paths import atomic_write_text, cache_root
 
 __all__ = ["ATTACK_VERSION", "classification_rows", "compliant_answers", "mix_attack", "read_rows", "row_id"]
@@ -74,8 +75,6 @@ def compliant_answers(
         Rows ``{"id", "prompt", "response", "is_harmful": True}`` in prompt order; prompts whose
         answer was empty or a refusal are left out (they would not attack anything).
     """
-    from lightning_safety.experiments.alignment import model_source_fingerprint
-
     prompts = [str(p).strip() for p in prompts]
     if not prompts or not all(prompts):
         raise DataError("compliant_answers needs a non-empty list of non-empty harmful prompts")
@@ -89,6 +88,7 @@ def compliant_answers(
     if path.is_file():
         return read_rows(path)
 
+    # Looked up at call time (after the cache check): a cached file needs no model, and tests replace these.
     from lightning_safety.evaluation.generation import GenerationSettings, generate_responses
     from lightning_safety.evaluation.refusal import KeywordRefusal
     from lightning_safety.models import load_causal_lm, load_tokenizer
@@ -96,7 +96,7 @@ def compliant_answers(
     model, tokenizer = load_causal_lm(model_name), load_tokenizer(model_name)
     bar = None
     if progress:
-        from tqdm.auto import tqdm
+        from tqdm.auto import tqdm  # only with a progress bar
 
         bar = tqdm(total=len(prompts), desc="attack answers", unit="prompt", leave=False)
     try:

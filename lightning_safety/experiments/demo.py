@@ -29,8 +29,16 @@ from pathlib import Path
 from typing import Any
 
 from lightning_safety.data.prompts import PromptSource, load_prompts
+from lightning_safety.demo_data import default_estimator_data, demo_data_path, load_demo_prompts
 from lightning_safety.errors import DataError
-from lightning_safety.evaluation.utility import SST2_TEMPLATE, UtilityTask
+from lightning_safety.evaluation.generation import GenerationSettings
+from lightning_safety.evaluation.utility import SST2_TEMPLATE, UtilityTask, load_utility_task
+from lightning_safety.experiments.alignment import AlignmentSettings, build_aligned_reference
+from lightning_safety.experiments.attack import compliant_answers, mix_attack, row_id
+from lightning_safety.experiments.methods import FinetuneSettings, estimator_rates, finetune, method
+from lightning_safety.models import LoraSettings, load_causal_lm, load_tokenizer
+from lightning_safety.paths import atomic_write_text
+from lightning_safety.risk.probe import fit_probe
 
 __all__ = ["DemoSizes", "demo"]
 
@@ -68,9 +76,6 @@ def _task_rows(
     task: UtilityTask | None, sizes: DemoSizes
 ) -> tuple[list[tuple[str, int]], list[dict], list[str], UtilityTask]:
     """(train (prompt, label) pairs, eval rows, probe prompts, the task's spec) of the benign task: three disjoint parts."""
-    from lightning_safety.demo_data import demo_data_path
-    from lightning_safety.evaluation.utility import load_utility_task
-
     if task is None:
         task = UtilityTask(str(demo_data_path("sentiment")), task="classification", name="sentiment",
                            prompt_field="sentence", target_field="label", labels=["negative", "positive"],
@@ -133,15 +138,9 @@ def demo(
     Returns:
         The measured rates by model (``aligned``, ``sft``, ``adaptive``).
     """
-    from lightning_safety.experiments.alignment import AlignmentSettings, build_aligned_reference
-    from lightning_safety.demo_data import default_estimator_data, load_demo_prompts
-    from lightning_safety.evaluation.generation import GenerationSettings
+    # Imported here: the evaluator pulls in transformers, torchmetrics and matplotlib (a second), and
+    # ``lightning-safety --help`` imports this module.
     from lightning_safety.evaluation.runner import SafetyEvaluator
-    from lightning_safety.experiments.attack import compliant_answers, mix_attack, row_id
-    from lightning_safety.experiments.methods import FinetuneSettings, estimator_rates, finetune, method
-    from lightning_safety.models import LoraSettings, load_causal_lm, load_tokenizer
-    from lightning_safety.paths import atomic_write_text
-    from lightning_safety.risk.probe import fit_probe
 
     started = time.perf_counter()
     sizes = QUICK_SIZES if quick else DemoSizes()

@@ -21,19 +21,19 @@ Example::
 
 from __future__ import annotations
 
-import tempfile
-import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import torch
 from torch import nn
 
 from lightning_safety.errors import LightningSafetyError
-from lightning_safety.models import LoraSettings
-from lightning_safety.quiet import quiet_training
+from lightning_safety.experiments.recipe import fine_tune
+from lightning_safety.models import LoraSettings, load_tokenizer
+from lightning_safety.risk.compose import MaxRisk
+from lightning_safety.risk.estimators import JudgeRisk, ProbeRisk
+from lightning_safety.schedules import ConstantBeta, LinearRiskSchedule
 
 __all__ = ["METHODS", "FinetuneResult", "FinetuneSettings", "Method", "MethodError", "estimator_rates", "finetune",
            "method"]
@@ -152,8 +152,6 @@ class FinetuneResult:
 
 
 def _estimator(method_: Method, probe: Any, judge: Any) -> Any:
-    from lightning_safety.risk import JudgeRisk, MaxRisk, ProbeRisk
-
     def need(thing: Any, what: str) -> Any:
         if thing is None:
             raise MethodError(f"{method_.name} needs a {what}: pass {what}=... to finetune")
@@ -199,14 +197,8 @@ def finetune(
             :class:`~lightning_safety.callbacks.SafetyDriftController`: defence in depth).
         progress: Lightning's progress bar.
     """
-    import lightning as L
-
+    # Imported here: the callbacks import Lightning (seconds), and ``lightning-safety --help`` imports this module.
     from lightning_safety.callbacks import RiskCallback
-    from lightning_safety.data.datamodule import ChatSFTDataModule
-    from lightning_safety.data.records import FieldMap
-    from lightning_safety.schedules import ConstantBeta, LinearRiskSchedule
-    from lightning_safety.models import load_tokenizer
-    from lightning_safety.module import SafeFineTuning
 
     settings = settings or FinetuneSettings()
     if not rows:
@@ -216,29 +208,11 @@ def finetune(
                 else LinearRiskSchedule(beta_min=settings.beta_min, beta_max=settings.beta_max))
     tokenizer = load_tokenizer(str(model))
     risk_callbacks = [RiskCallback(estimator, log_stats=False)] if estimator is not None else []
-    with torch.random.fork_rng(devices=[]), quiet_training(not progress):
-        torch.manual_seed(settings.seed)
-        fields = FieldMap(system="system") if any(row.get("system") for row in rows) else FieldMap()
-        data = ChatSFTDataModule(train=list(rows), tokenizer=tokenizer, max_length=settings.max_length,
-                                 batch_size=settings.batch_size, seed=settings.seed, fields=fields)
-        module = SafeFineTuning(
-            str(model),
-            lora=replace(settings.lora),
-            reference="adapter_disabled",
-            schedule=schedule,
-            normalization=settings.normalization,
-            optimizer=lambda params: torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.0),
-        )
-        with tempfile.TemporaryDirectory(prefix="lightning-safety-finetune-") as root:
-            trainer = L.Trainer(
-                accelerator="cpu", devices=1, max_epochs=settings.epochs, logger=False,
-                enable_checkpointing=False, enable_progress_bar=progress, enable_model_summary=False,
-                num_sanity_val_steps=0, log_every_n_steps=1, gradient_clip_val=1.0, default_root_dir=root,
-                callbacks=[*risk_callbacks, *callbacks],
-            )
-            started = time.perf_counter()
-            trainer.fit(module, datamodule=data)
-            seconds = time.perf_counter() - started
+    done = fine_tune(
+        str(model), rows, tokenizer, schedule=schedule, lora=settings.lora, epochs=settings.epochs, lr=settings.lr,
+        weight_decay=0.0, max_length=settings.max_length, batch_size=settings.batch_size, seed=settings.seed,
+        normalization=settings.normalization, callbacks=[*risk_callbacks, *callbacks], progress=progress,
+    )
     risk: dict[str, float] = {}
     failures = 0
     if risk_callbacks and risk_callbacks[0].cache is not None:
@@ -246,10 +220,8 @@ def finetune(
         scores, _ = risk_callbacks[0].cache.lookup(ids)
         risk = {i: float(s) for i, s in zip(ids, scores.tolist()) if s == s}  # NaN: never scored
         failures = int(getattr(estimator, "failures", 0))
-    policy = module.policy.merge_and_unload()
-    policy.eval()
-    return FinetuneResult(model=policy, tokenizer=tokenizer, risk=risk, seconds=round(seconds, 1),
-                          steps=int(trainer.global_step), failures=failures)
+    return FinetuneResult(model=done.model, tokenizer=tokenizer, risk=risk, seconds=round(done.seconds, 1),
+                          steps=done.steps, failures=failures)
 
 
 def estimator_rates(
