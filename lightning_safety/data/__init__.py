@@ -14,6 +14,7 @@ _EXPORTS = {
     ),
     "lightning_safety.data.loaders": ("ResumableDataLoader", "build_eval_loader", "build_train_loader"),
     "lightning_safety.data.mixing": ("attack_mix_plan", "build_attack_mix"),
+    "lightning_safety.data.padding": ("pad_batch",),
     "lightning_safety.data.records": (
         "ChatRecord", "FieldMap", "InvalidRiskError", "check_ids", "content_id", "row_messages", "row_to_record",
         "rows_to_records",

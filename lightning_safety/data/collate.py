@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from lightning_safety.data.formatting import IGNORE_INDEX
+from lightning_safety.data.padding import pad_batch
 from lightning_safety.errors import DataError
 
 
@@ -36,22 +36,10 @@ class ChatCollator:
     def __call__(self, examples: Sequence[dict[str, Any]]) -> dict[str, Any]:
         if not examples:
             raise DataError("cannot collate an empty batch; check the dataset is not empty")
-        length = max(len(example["input_ids"]) for example in examples)
-        if self.pad_to_multiple_of:
-            length = -(-length // self.pad_to_multiple_of) * self.pad_to_multiple_of
         size = len(examples)
-        input_ids = torch.full((size, length), self.pad_token_id, dtype=torch.long)
-        labels = torch.full((size, length), IGNORE_INDEX, dtype=torch.long)
-        attention_mask = torch.zeros((size, length), dtype=torch.long)
-        for row, example in enumerate(examples):
-            count = len(example["input_ids"])
-            input_ids[row, :count] = torch.as_tensor(example["input_ids"], dtype=torch.long)
-            labels[row, :count] = torch.as_tensor(example["labels"], dtype=torch.long)
-            attention_mask[row, :count] = 1
         batch: dict[str, Any] = {
-            "input_ids": input_ids,
-            "attention_mask": attention_mask,
-            "labels": labels,
+            **pad_batch([example["input_ids"] for example in examples], self.pad_token_id,
+                        labels=[example["labels"] for example in examples], pad_to_multiple_of=self.pad_to_multiple_of),
             "prompt_length": torch.tensor([example["prompt_length"] for example in examples], dtype=torch.long),
             "index": torch.tensor([example["index"] for example in examples], dtype=torch.long),
             "id": [example["id"] for example in examples],

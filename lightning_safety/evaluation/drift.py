@@ -22,14 +22,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_safety.data.formatting import resolve_pad_token_id, tokenize_conversation
+from lightning_safety.data.formatting import IGNORE_INDEX, resolve_pad_token_id, tokenize_conversation
+from lightning_safety.data.padding import pad_batch
 from lightning_safety.errors import LightningSafetyError
 from lightning_safety.evaluation.generation import GenerationSettings, generate_responses, prompt_messages
 from lightning_safety.models import eval_mode
 
 __all__ = ["CanarySet", "DriftError", "build_canaries", "canary_logprob", "safety_drift"]
-
-IGNORE_INDEX = -100
 
 
 class DriftError(LightningSafetyError):
@@ -62,11 +61,6 @@ class CanarySet:
         return len(self.input_ids)
 
 
-def _padded(rows: Sequence[Sequence[int]], value: int, device: torch.device) -> Tensor:
-    width = max(len(r) for r in rows)
-    return torch.tensor([list(r) + [value] * (width - len(r)) for r in rows], dtype=torch.long, device=device)
-
-
 @torch.no_grad()
 def canary_logprob(
     model: nn.Module, input_ids: Sequence[Sequence[int]], labels: Sequence[Sequence[int]], *, pad_id: int,
@@ -82,11 +76,10 @@ def canary_logprob(
     out: list[Tensor] = []
     with eval_mode(model):
         for start in range(0, len(input_ids), batch_size):
-            ids = _padded(input_ids[start:start + batch_size], pad_id, device)
-            lab = _padded(labels[start:start + batch_size], IGNORE_INDEX, device)
-            mask = _padded([[1] * len(r) for r in input_ids[start:start + batch_size]], 0, device)
-            logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
-            target = lab[:, 1:]
+            padded = pad_batch(input_ids[start:start + batch_size], pad_id, labels=labels[start:start + batch_size],
+                               device=device)
+            logits = model(input_ids=padded["input_ids"], attention_mask=padded["attention_mask"]).logits[:, :-1].float()
+            target = padded["labels"][:, 1:]
             scored = target != IGNORE_INDEX
             logprob = torch.log_softmax(logits, dim=-1).gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
             total = (logprob * scored).sum(dim=1).double()

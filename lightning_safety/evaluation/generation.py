@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_safety.data.formatting import render_ids, require_chat_template, resolve_pad_token_id
+from lightning_safety.data.padding import pad_batch
 from lightning_safety.errors import LightningSafetyError
 from lightning_safety.models import eval_mode
 
@@ -93,17 +94,6 @@ def stop_token_ids(model: nn.Module, tokenizer: Any) -> list[int]:
     return unique
 
 
-def _left_pad(rows: list[list[int]], pad_id: int, device: torch.device) -> tuple[Tensor, Tensor]:
-    """[B, T] ids and attention mask, padded on the left."""
-    length = max(len(row) for row in rows)
-    ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), length), dtype=torch.long)
-    for i, row in enumerate(rows):
-        ids[i, length - len(row) :] = torch.tensor(row, dtype=torch.long)
-        mask[i, length - len(row) :] = 1
-    return ids.to(device), mask.to(device)
-
-
 def _model_device(model: nn.Module) -> torch.device:
     for parameter in model.parameters():
         return parameter.device
@@ -168,8 +158,9 @@ def generate_responses(
     with eval_mode(model):
         for start in range(0, len(order), settings.batch_size):
             rows = order[start : start + settings.batch_size]
-            ids, mask = _left_pad([rendered[i] for i in rows], pad_id, device)
-            output = model.generate(input_ids=ids, attention_mask=mask, generation_config=config, synced_gpus=synced)
+            padded = pad_batch([rendered[i] for i in rows], pad_id, side="left", device=device)
+            ids = padded["input_ids"]
+            output = model.generate(**padded, generation_config=config, synced_gpus=synced)
             for row, sequence in zip(rows, output[:, ids.shape[1] :]):
                 text = tokenizer.decode(_new_tokens(sequence, set(stops)), skip_special_tokens=True)
                 responses[row] = text.strip()
@@ -180,7 +171,7 @@ def generate_responses(
 
 def _generation_config(model: nn.Module, settings: GenerationSettings, pad_id: int, stops: list[int]) -> Any:
     """A fresh GenerationConfig: the model's own may carry sampling defaults that greedy would warn about."""
-    from transformers import GenerationConfig
+    from transformers import GenerationConfig  # lazy: transformers takes seconds, and the CLI imports this module
 
     options: dict[str, Any] = {
         "max_new_tokens": int(settings.max_new_tokens),

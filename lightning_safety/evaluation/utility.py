@@ -25,6 +25,8 @@ import torch
 from torch import Tensor, nn
 
 from lightning_safety.data.formatting import render_ids, resolve_pad_token_id
+from lightning_safety.data.padding import pad_batch
+from lightning_safety.data.sources import load_records
 from lightning_safety.errors import DataError
 from lightning_safety.evaluation.generation import GenerationSettings, prompt_messages
 from lightning_safety.models import eval_mode
@@ -110,8 +112,6 @@ class LoadedUtilityTask:
 
 def load_utility_task(task: UtilityTask) -> LoadedUtilityTask:
     """Read a task's rows and turn them into prompts and targets (label indices or answers)."""
-    from lightning_safety.data.sources import load_records
-
     preset = _PRESETS.get(task.task, {})
     kind = preset.get("kind", task.task)
     if kind not in ("classification", "exact_match"):
@@ -211,13 +211,7 @@ def label_log_likelihoods(
     with eval_mode(model):
         for start in range(0, len(sequences), settings.batch_size):
             chunk = sequences[start : start + settings.batch_size]
-            length = max(len(item[2]) for item in chunk)
-            ids = torch.full((len(chunk), length), pad_id, dtype=torch.long)
-            mask = torch.zeros_like(ids)
-            for i, (_, _, row, _) in enumerate(chunk):
-                ids[i, : len(row)] = torch.tensor(row)
-                mask[i, : len(row)] = 1
-            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
+            logits = model(**pad_batch([item[2] for item in chunk], pad_id, device=device)).logits.float()
             log_probs = torch.log_softmax(logits, dim=-1).cpu()
             for i, (_, _, row, prompt_length) in enumerate(chunk):
                 positions = torch.arange(prompt_length - 1, len(row) - 1)

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_safety.data.formatting import IGNORE_INDEX, render_ids, require_chat_template, resolve_pad_token_id
+from lightning_safety.data.padding import pad_batch
 from lightning_safety.data.records import content_id
 from lightning_safety.errors import DataError, RiskError
 from lightning_safety.risk.base import ConstantRisk, RiskEstimator, check_risk
@@ -170,17 +171,11 @@ def _render(conversations: list[list[dict[str, str]]], tokenizer: Any) -> list[l
 
 def _batch(rows: list[int], encoded: list[list[int]], conversations: list[list[dict[str, str]]], pad: int) -> dict[str, Any]:
     """The training batch of ``rows`` (right-padded, as ChatCollator makes it): the whole sequence is prompt."""
-    width = max(len(encoded[i]) for i in rows)
-    input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for r, i in enumerate(rows):
-        input_ids[r, : len(encoded[i])] = torch.tensor(encoded[i], dtype=torch.long)
-        attention_mask[r, : len(encoded[i])] = 1
+    padded = pad_batch([encoded[i] for i in rows], pad)
     return {
-        "input_ids": input_ids,
-        "attention_mask": attention_mask,
-        "labels": torch.full_like(input_ids, IGNORE_INDEX),
-        "prompt_length": attention_mask.sum(dim=1),
+        **padded,
+        "labels": torch.full_like(padded["input_ids"], IGNORE_INDEX),
+        "prompt_length": padded["attention_mask"].sum(dim=1),
         "index": torch.tensor(rows, dtype=torch.long),
         "id": [content_id(conversations[i]) for i in rows],
         "messages": [conversations[i] for i in rows],
@@ -193,7 +188,7 @@ def _steps(total: int, chunk: int, progress: bool, desc: str) -> Iterator[int]:
     if not progress:
         yield from starts
         return
-    from tqdm.auto import tqdm
+    from tqdm.auto import tqdm  # only with a progress bar
 
     with tqdm(total=total, desc=desc, unit="prompt") as bar:
         for start in starts:

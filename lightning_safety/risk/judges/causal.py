@@ -13,7 +13,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lightning_safety.data.padding import pad_batch
 from lightning_safety.errors import JudgeError
+from lightning_safety.models import eval_mode, load_causal_lm, load_tokenizer
 from lightning_safety.risk.judges.base import Judge
 from lightning_safety.risk.judges.rubric import DEFAULT_RUBRIC, RATING_PRIMER, rubric_message
 from lightning_safety.risk.text import sanitize_for_judge
@@ -32,8 +34,6 @@ def model_label(model: Any) -> str:
 
 def load_judge_tokenizer(model: Any, tokenizer: Any) -> Any:
     """The given tokenizer, or the one saved with ``model`` (a name, or a model's ``name_or_path``)."""
-    from lightning_safety.models import load_tokenizer
-
     if tokenizer is not None:
         if getattr(tokenizer, "pad_token", None) is None:
             tokenizer.pad_token = tokenizer.eos_token
@@ -82,8 +82,6 @@ class CausalLMJudge(Judge):
         dtype: str | torch.dtype | None = None,
         template_kwargs: dict[str, Any] | None = None,
     ) -> None:
-        from lightning_safety.models import load_causal_lm
-
         super().__init__(batch_size=batch_size)
         self.tokenizer = load_judge_tokenizer(model, tokenizer)
         if not getattr(self.tokenizer, "chat_template", None):
@@ -164,15 +162,9 @@ class CausalLMJudge(Judge):
     @torch.no_grad()
     def _last_logits(self, sequences: Sequence[list[int]]) -> Tensor:
         """float32 [B, V] logits at the last position of each token sequence."""
-        from lightning_safety.models import eval_mode
-
-        width = max(len(ids) for ids in sequences)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        input_ids = torch.full((len(sequences), width), pad, dtype=torch.long)
-        attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
-        for row, ids in enumerate(sequences):
-            input_ids[row, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
-            attention_mask[row, width - len(ids) :] = 1
+        padded = pad_batch(sequences, pad, side="left")
+        input_ids, attention_mask = padded["input_ids"], padded["attention_mask"]
         kwargs: dict[str, Any] = {}
         if self._position_ids:
             kwargs["position_ids"] = (attention_mask.cumsum(-1) - 1).clamp(min=0).to(self.device)
