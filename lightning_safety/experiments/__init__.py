@@ -9,6 +9,8 @@
   the texts of :mod:`~lightning_safety.experiments.frames` (``benchmarks/zoo.py`` runs it);
 * :mod:`~lightning_safety.experiments.methods`: the compared methods (SFT, constant KL, adaptive KL
   with a probe, a judge or both) as one LoRA fine-tuning function;
+* :mod:`~lightning_safety.experiments.recipe`: the training recipe of the alignment and the methods (a seeded
+  CPU LoRA fine-tuning, merged into the weights);
 * :mod:`~lightning_safety.experiments.demo`: ``lightning-safety demo``.
 """
 
