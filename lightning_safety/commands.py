@@ -33,6 +33,7 @@ from lightning_safety.evaluation.utility import UtilityTask
 from lightning_safety.experiments.demo import demo
 from lightning_safety.paths import atomic_write_text
 from lightning_safety.risk.judges import Judge
+from lightning_safety.risk.probe import TRAINING_DEFAULTS, ActivationProbe, fit_probe, plot_sweep, sweep, sweep_table
 
 
 def _parse_layers(layers: str | list[int]) -> str | list[int]:
@@ -66,14 +67,14 @@ def probe_fit(
     pairs: int = 0,
     layers: list[int] | None = None,
     pooling: str = "mean",
-    kind: str = "logistic",
-    weight_decay: float = 1e-2,
-    epochs: int = 200,
-    val_fraction: float = 0.2,
+    kind: str = TRAINING_DEFAULTS.kind,
+    weight_decay: float = TRAINING_DEFAULTS.weight_decay,
+    epochs: int = TRAINING_DEFAULTS.epochs,
+    val_fraction: float = TRAINING_DEFAULTS.val_fraction,
     calibration_fraction: float = 0.2,
     alpha: float = 0.1,
     delta: float = 0.05,
-    seed: int = 0,
+    seed: int = TRAINING_DEFAULTS.seed,
     batch_size: int = 16,
     dtype: str | None = None,
     overwrite: bool = False,
@@ -109,7 +110,6 @@ def probe_fit(
     """
     from lightning_safety.models import load_causal_lm, load_tokenizer
     from lightning_safety.risk.hooks import find_decoder_layers
-    from lightning_safety.risk.probe import fit_probe
 
     harmful_prompts, benign_prompts = training_prompts(harmful, benign, exclude_categories, pairs)
     network, tokenizer = load_causal_lm(model, dtype=dtype), load_tokenizer(model)
@@ -199,9 +199,9 @@ def probe_sweep(
     ood: dict[str, tuple[PromptSource, PromptSource]] | None = None,
     layers: str | list[int] = "all",
     poolings: list[str] | None = None,
-    weight_decay: float = 1e-2,
-    val_fraction: float = 0.2,
-    seed: int = 0,
+    weight_decay: float = TRAINING_DEFAULTS.weight_decay,
+    val_fraction: float = TRAINING_DEFAULTS.val_fraction,
+    seed: int = TRAINING_DEFAULTS.seed,
     batch_size: int = 16,
     dtype: str | None = None,
 ) -> None:
@@ -222,7 +222,6 @@ def probe_sweep(
         dtype: weights dtype for the model.
     """
     from lightning_safety.models import load_causal_lm, load_tokenizer
-    from lightning_safety.risk.probe import plot_sweep, sweep, sweep_table
 
     network, tokenizer = load_causal_lm(model, dtype=dtype), load_tokenizer(model)
     ood_prompts = {name: (load_prompts(h), load_prompts(b)) for name, (h, b) in (ood or {}).items()}
@@ -313,7 +312,6 @@ def score(
     network = tokenizer = None
     if probe is not None:
         from lightning_safety.models import load_causal_lm, load_tokenizer
-        from lightning_safety.risk.probe import ActivationProbe
 
         network, tokenizer = load_causal_lm(model), load_tokenizer(model)
         estimators.append(ProbeRisk(ActivationProbe.load(probe, model=network)))

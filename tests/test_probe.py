@@ -3,23 +3,32 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
+import importlib
 import importlib.util
+import inspect
 import json
+import pickle
 
 import pytest
 import torch
+import yaml
 from torch import nn
 from torch.utils.checkpoint import checkpoint, set_checkpoint_early_stop
 
+from lightning_safety.commands import run_command
 from lightning_safety.errors import CalibrationError, ProbeError, ProbeMismatchError
 from lightning_safety.models import LoraSettings, apply_lora, load_causal_lm, load_tokenizer
 from lightning_safety.risk import probe as probe_module
 from lightning_safety.risk.hooks import CaptureComplete, LayerTaps, find_decoder_layers
 from lightning_safety.risk.metrics_core import auroc, average_ranks, recall_at_fpr, threshold_at_fpr
 from lightning_safety.risk.probe import (
+    TRAINING_DEFAULTS,
     ActivationProbe,
     ProbeClassifier,
+    ProbeTrainingSettings,
     _train_step,
+    artifact,
     extract_features,
     featurize_prompts,
     fit_probe,
@@ -403,7 +412,7 @@ def test_a_failed_save_leaves_no_folder(tiny, tmp_path, monkeypatch):
     def broken(path, metadata):
         raise OSError("disk full")
 
-    monkeypatch.setattr(probe_module, "_write_metadata", broken)
+    monkeypatch.setattr(artifact, "_write_metadata", broken)
     with pytest.raises(OSError, match="disk full"):
         probe.save(tmp_path / "probe")
     assert list(tmp_path.iterdir()) == []
@@ -446,6 +455,68 @@ def test_sweep_table_and_plot(tiny, tmp_path):
     assert len(table.splitlines()) == 2 + len(rows)
     png = plot_sweep(rows, tmp_path / "plots" / "sweep.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# --------------------------------------------------------------------------------------------- one place for defaults, old paths
+
+# Every public name of the single-file lightning_safety/risk/probe.py, before it became a package.
+OLD_PUBLIC_NAMES = [
+    "METADATA_FILE", "POOLINGS", "PROBE_FORMAT", "PROBE_VERSION", "WEIGHTS_FILE", "ActivationProbe",
+    "ProbeClassifier", "ProbeKind", "combine_layers", "extract_features", "featurize_pooled", "featurize_prompts",
+    "fit_probe", "model_fingerprint", "model_structure", "plot_sweep", "pool_hidden", "pooled_prompt_states",
+    "prompt_token_mask", "ranking_scores", "render_prompt", "stratified_split", "sweep", "sweep_table", "train_probe",
+]
+
+
+def _cli_defaults(capsys, *args: str) -> dict:
+    """The options of a command as the CLI parses them when only the required ones are given."""
+    with pytest.raises(SystemExit) as exit_info:
+        run_command([*args, "--print_config"])
+    assert exit_info.value.code in (0, None)
+    return yaml.safe_load(capsys.readouterr().out)
+
+
+def test_training_defaults_are_set_once_in_probe_training_settings(capsys):
+    defaults = dataclasses.asdict(ProbeTrainingSettings())
+    assert len(defaults) == 9 and TRAINING_DEFAULTS == ProbeTrainingSettings()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        TRAINING_DEFAULTS.epochs = 1  # type: ignore[misc]
+    for function, names in [
+        (fit_probe, defaults), (train_probe, defaults), (ProbeClassifier, ("kind", "hidden", "dropout")),
+        (sweep, ("weight_decay", "lr", "epochs", "val_fraction", "seed")),
+    ]:
+        parameters = inspect.signature(function).parameters
+        assert {name: parameters[name].default for name in names} == {name: defaults[name] for name in names}, function
+    fit_options = _cli_defaults(capsys, "probe", "fit", "--model", "m", "--output", "o")
+    sweep_options = _cli_defaults(
+        capsys, "probe", "sweep", "--model", "m", "--output", "o", "--harmful.path", "h", "--benign.path", "b"
+    )
+    for options, names in [
+        (fit_options, ("kind", "weight_decay", "epochs", "val_fraction", "seed")),
+        (sweep_options, ("weight_decay", "val_fraction", "seed")),
+    ]:
+        assert set(options) & set(defaults) == set(names)
+        assert {name: options[name] for name in names} == {name: defaults[name] for name in names}
+
+
+def test_the_single_module_import_paths_still_work():
+    import lightning_safety
+    from lightning_safety import risk
+    from lightning_safety.risk.probe import fitting, layer_sweep
+
+    for name in OLD_PUBLIC_NAMES:
+        assert name in probe_module.__all__ and getattr(probe_module, name) is not None, name
+    assert lightning_safety.ActivationProbe is artifact.ActivationProbe is risk.ActivationProbe
+    assert lightning_safety.fit_probe is fitting.fit_probe is risk.fit_probe
+    assert risk.sweep is layer_sweep.sweep is probe_module.sweep
+    # Class paths as YAML configs and checkpoints spell them, and as a pickle stores them.
+    for path, expected in [
+        ("lightning_safety.risk.probe.ActivationProbe", ActivationProbe),
+        ("lightning_safety.risk.probe.ProbeClassifier", ProbeClassifier),
+    ]:
+        module, _, name = path.rpartition(".")
+        assert getattr(importlib.import_module(module), name) is expected
+        assert pickle.loads(f"c{module}\n{name}\n.".encode()) is expected
 
 
 # --------------------------------------------------------------------------------------------- real model
