@@ -27,6 +27,7 @@ from lightning_safety.errors import (
     LightningSafetyError,
     RiskError,
 )
+from lightning_safety.reference_cache import CachedTokens, topk_kl
 
 __all__ = ["AdaptiveKLOutput", "adaptive_kl_loss", "ProjectedLogits"]
 
@@ -166,8 +167,8 @@ class ProjectedLogits:
 
 
 def adaptive_kl_loss(
-    policy_logits: Tensor,
-    reference_logits: Tensor | ProjectedLogits | None,
+    policy_logits: Tensor | ProjectedLogits,
+    reference_logits: Tensor | ProjectedLogits | CachedTokens | None,
     labels: Tensor,
     beta: Tensor | float,
     *,
@@ -213,7 +214,11 @@ def adaptive_kl_loss(
             projected inside each chunk: no ``[N, V]`` policy logits are stored).
         reference_logits: ``[R, T, V]`` logits of the reference for the rows in
             ``reference_rows`` (all ``B`` rows when that is None), or None when every beta is 0;
-            or :class:`ProjectedLogits` (hidden states + output layer), projected per chunk.
+            or :class:`ProjectedLogits` (hidden states + output layer), projected per chunk; or
+            :class:`~lightning_safety.reference_cache.CachedTokens`, the reference's cached top-k
+            output for the response tokens of those rows (row order, each row's tokens in
+            position order): the KL is then :func:`~lightning_safety.reference_cache.topk_kl`,
+            coarse-grained to the k cached tokens and the rest (a lower bound, exact at k = V).
         labels: ``[B, T]`` integer labels, ``ignore_index`` on prompt and padding tokens. The
             logits may cover only the last ``T' < T`` positions (Hugging Face ``logits_to_keep``:
             no logits for the prompt); the labels are then aligned to those positions, and every
@@ -251,6 +256,11 @@ def adaptive_kl_loss(
     alpha_t = 1.0 - beta_t if weighting == "convex" else torch.ones_like(beta_t)
     ref_index = _reference_index(reference_logits, reference_rows, beta_t, seq_len, vocab)
     plan = _plan_tokens(labels, ref_index, ignore_index, vocab)
+    if isinstance(reference_logits, CachedTokens) and len(reference_logits) != plan.num_ref_tokens:
+        raise DataError(
+            f"the cached reference holds {len(reference_logits)} tokens but the rows with a reference have "
+            f"{plan.num_ref_tokens} response tokens: look up the same rows, in row order"
+        )
     nll_tok, kl_tok = _token_losses_chunked(
         policy_logits, reference_logits, plan, direction, chunk_size
     )
@@ -347,7 +357,7 @@ def _count_bad(values: Tensor) -> tuple[int, int]:
 
 
 def _reference_index(
-    reference_logits: Tensor | ProjectedLogits | None,
+    reference_logits: Tensor | ProjectedLogits | CachedTokens | None,
     reference_rows: Tensor | None,
     beta: Tensor,
     seq_len: int,
@@ -366,7 +376,10 @@ def _reference_index(
                 "reference_rows was given without reference_logits: pass both or neither"
             )
     else:
-        rows = _check_reference(reference_logits, reference_rows, batch, seq_len, vocab)
+        if isinstance(reference_logits, CachedTokens):  # per token, not per position: no [R, T, V] to check
+            rows = torch.arange(batch, device=device) if reference_rows is None else _check_rows(reference_rows, None, batch)
+        else:
+            rows = _check_reference(reference_logits, reference_rows, batch, seq_len, vocab)
         ref_index[rows.to(device)] = torch.arange(rows.shape[0], device=device)
     missing = ((ref_index < 0) & (beta > 0)).nonzero().flatten().tolist()
     if missing:
@@ -405,7 +418,13 @@ def _check_reference(
                 "pass reference_rows to say which rows they belong to"
             )
         return torch.arange(batch, device=reference_logits.device)
-    if (
+    return _check_rows(reference_rows, num_ref, batch)
+
+
+def _check_rows(reference_rows: Tensor, num_ref: int | None, batch: int) -> Tensor:
+    """Validate ``[R]`` policy row indices (``R = num_ref`` when known); return them as int64."""
+    num_ref = reference_rows.shape[0] if num_ref is None and isinstance(reference_rows, Tensor) else num_ref
+    if not isinstance(reference_rows, Tensor) or (
         reference_rows.dim() != 1
         or reference_rows.is_floating_point()
         or reference_rows.dtype == torch.bool
@@ -456,7 +475,7 @@ def _plan_tokens(labels: Tensor, ref_index: Tensor, ignore_index: int, vocab: in
 def _token_losses(
     policy: Tensor,
     targets: Tensor,
-    reference_logits: Tensor | ProjectedLogits | None,
+    reference_logits: Tensor | ProjectedLogits | CachedTokens | None,
     ref_rows: Tensor,
     ref_positions: Tensor,
     direction: Direction,
@@ -483,6 +502,8 @@ def _token_losses(
     m = ref_rows.shape[0]
     if reference_logits is None or m == 0:
         return nll, x.new_zeros(0)
+    if isinstance(reference_logits, CachedTokens):  # this chunk's m cached tokens
+        return nll, topk_kl(x[:m], reference_logits, direction, lse[:m])
     logp = x[:m] - lse[:m, None]  # [m, V]
     logq = torch.log_softmax(reference_logits[ref_rows, ref_positions].float(), dim=-1)  # [m, V]
     if direction == "forward":
@@ -494,7 +515,7 @@ def _token_losses(
 
 def _token_losses_chunked(
     policy_logits: Tensor,
-    reference_logits: Tensor | ProjectedLogits | None,
+    reference_logits: Tensor | ProjectedLogits | CachedTokens | None,
     plan: _TokenPlan,
     direction: Direction,
     chunk_size: int | None,
@@ -511,7 +532,9 @@ def _token_losses_chunked(
         policy, project = policy_logits.hidden[plan.rows, plan.positions], policy_logits.output_layer
     else:
         policy = policy_logits[plan.rows, plan.positions]  # [N, V], logits dtype
-    reference = reference_logits.detach() if reference_logits is not None else None  # frozen
+    reference = reference_logits
+    if isinstance(reference, (Tensor, ProjectedLogits)):
+        reference = reference.detach()  # frozen
     ref_positions = plan.positions[: plan.num_ref_tokens]
     fn = functools.partial(_token_losses, direction=direction, project=project)
     if chunk_size is None:
@@ -525,6 +548,8 @@ def _token_losses_chunked(
     ref_row_chunks = plan.ref_rows.split(chunk_size)
     ref_pos_chunks = ref_positions.split(chunk_size)
     empty = plan.ref_rows.new_zeros(0)
+    # A cached reference is per token: chunk i gets chunk i of its [M] tokens.
+    cached_chunks = reference.split(chunk_size) if isinstance(reference, CachedTokens) else None
     recompute = torch.is_grad_enabled() and (policy.requires_grad or getattr(policy_logits, "trainable", False))
     nll_parts, kl_parts = [], []
     for i, (p_chunk, t_chunk) in enumerate(zip(policy_chunks, target_chunks)):
@@ -532,7 +557,7 @@ def _token_losses_chunked(
         args = (
             p_chunk,
             t_chunk,
-            reference,
+            cached_chunks[i] if cached_chunks is not None and has_ref else reference,
             ref_row_chunks[i] if has_ref else empty,
             ref_pos_chunks[i] if has_ref else empty,
         )

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import copy
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict
 from typing import Any, Literal
 
@@ -34,8 +34,9 @@ from lightning_safety.distributed import (
     is_sharded,
     shard_model,
 )
-from lightning_safety.errors import LightningSafetyError, ModelLoadError
+from lightning_safety.errors import DataError, LightningSafetyError, ModelLoadError
 from lightning_safety.losses import AdaptiveKLOutput, ProjectedLogits, adaptive_kl_loss
+from lightning_safety.reference_cache import DEFAULT_TOP_K, CachedTokens, ReferenceCache
 from lightning_safety.models import (
     LoraSettings,
     apply_lora,
@@ -49,6 +50,9 @@ from lightning_safety.models import (
 )
 from lightning_safety.reference import (
     Reference,
+    open_reference_cache,
+    precompute_reference,
+    reference_fingerprint,
     ReferenceStrategy,
     add_reference_adapter,
     check_same_vocabulary,
@@ -100,6 +104,11 @@ class SafeFineTuning(L.LightningModule):
             stored, at the price of recomputing the output layer in backward. ``None`` turns it
             on when ``chunk_size`` is set. Used only where it reproduces the model's own logits
             (checked once on real tokens) and the policy is not sharded.
+        reference_cache: folder of a reference cache (``lightning-safety precompute-reference``):
+            the reference's top-k log-probabilities per response token, computed once; steps then
+            read them instead of running the reference (the KL is coarse-grained to the k cached
+            tokens and the rest; see :mod:`lightning_safety.reference_cache`). Opened in
+            ``configure_model`` and refused if it was built for another reference.
         sharding: FSDP2 settings (:class:`~lightning_safety.distributed.ShardingSettings`: mixed
             precision, resharding, CPU offload) used when the trainer's strategy is
             ``ModelParallelStrategy``: ``configure_model`` then shards the policy and the frozen
@@ -137,6 +146,7 @@ class SafeFineTuning(L.LightningModule):
         normalization: Literal["token", "example"] = "token",
         chunk_size: int | None = None,
         fused_output_layer: bool | None = None,
+        reference_cache: str | None = None,
         sharding: ShardingSettings | None = None,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         lr_scheduler: LRSchedulerCallable | None = None,
@@ -170,6 +180,8 @@ class SafeFineTuning(L.LightningModule):
         self.hparams["lora"] = None if lora is None else asdict(lora)
         self.hparams["schedule"] = self.schedule.config()
         self.sharding = sharding
+        self.reference_cache = reference_cache
+        self._cache: ReferenceCache | None = None
         self.hparams["sharding"] = None if sharding is None else asdict(sharding)
         self.risk_source = self._risk_estimator(risk)
         self.weighting = weighting
@@ -243,6 +255,9 @@ class SafeFineTuning(L.LightningModule):
                     shard_model(model, dp_mesh, self.sharding)
         self.policy = policy
         self.reference = reference
+        if self.reference_cache is not None:
+            fingerprint = reference_fingerprint(self.reference_strategy, policy, reference, self._start_fingerprint)
+            self._cache = open_reference_cache(self.reference_cache, fingerprint, policy)
         self._keep_logits_supported = supports_logits_to_keep(policy) and (
             reference is None or supports_logits_to_keep(reference)
         )
@@ -349,20 +364,7 @@ class SafeFineTuning(L.LightningModule):
         if self.beta_floor > 0:  # a controller tightens every row while the model drifts from safety
             beta = beta.clamp(min=float(self.beta_floor))
         keep = self._logits_to_keep(batch["labels"])
-        rows = torch.nonzero(beta > 0).squeeze(1)
-        ref_logits, ref_rows = None, None
-        if self._sharded and any_rank(rows.numel() > 0, input_ids.device) and rows.numel() == 0:
-            # A sharded reference gathers its weights in its forward with every rank: run it on
-            # one row (beta 0, so it adds no KL) when another rank needs it and this one does not.
-            rows = rows.new_zeros(1)
-        if rows.numel() > 0:
-            if rows.numel() < beta.numel():
-                ref_rows = rows
-                input_ids_ref = input_ids[rows]
-                mask_ref = attention_mask[rows] if attention_mask is not None else None
-            else:
-                input_ids_ref, mask_ref = input_ids, attention_mask
-            ref_logits = self.reference_forward(input_ids_ref, mask_ref, logits_to_keep=keep)
+        ref_logits, ref_rows = self._reference_for(batch, beta, keep)
         policy_logits = self._policy_logits(input_ids, attention_mask, keep)
         out = adaptive_kl_loss(
             policy_logits,
@@ -376,6 +378,54 @@ class SafeFineTuning(L.LightningModule):
             reference_rows=ref_rows,
         )
         return out, risk, beta
+
+    def _reference_for(
+        self, batch: Mapping[str, Any], beta: Tensor, keep: int
+    ) -> tuple[Tensor | ProjectedLogits | CachedTokens | None, Tensor | None]:
+        """The reference's output for the rows with ``beta > 0`` and those rows (None: all rows).
+
+        From the reference cache when one is set (no forward), else from the reference's forward.
+        """
+        input_ids, attention_mask = batch["input_ids"], batch.get("attention_mask")
+        rows = torch.nonzero(beta > 0).squeeze(1)
+        if self._cache is None and self._sharded and any_rank(rows.numel() > 0, input_ids.device) and rows.numel() == 0:
+            # A sharded reference gathers its weights in its forward with every rank: run it on
+            # one row (beta 0, so it adds no KL) when another rank needs it and this one does not.
+            rows = rows.new_zeros(1)
+        if rows.numel() == 0:
+            return None, None
+        subset = rows.numel() < beta.numel()
+        ref_rows = rows if subset else None
+        if self._cache is not None:
+            ids = batch.get("id")
+            if ids is None:
+                raise DataError(
+                    "model.reference_cache needs the batch's example ids (batch['id']): use ChatSFTDataModule, "
+                    "or add an 'id' list to your batches"
+                )
+            lengths = (batch["labels"][rows, 1:] != -100).sum(dim=1)
+            return self._cache.lookup([ids[r] for r in rows.tolist()], lengths, device=input_ids.device), ref_rows
+        if subset:
+            input_ids = input_ids[rows]
+            attention_mask = attention_mask[rows] if attention_mask is not None else None
+        return self.reference_forward(input_ids, attention_mask, logits_to_keep=keep), ref_rows
+
+    def precompute_reference(
+        self, batches: Iterable[Mapping[str, Any]], path: str, *, top_k: int = DEFAULT_TOP_K, logprob_dtype: str = "float32"
+    ) -> ReferenceCache:
+        """Run the frozen reference once over ``batches`` and write a reference cache at ``path``.
+
+        Give the folder to ``reference_cache`` of a module with the same model, adapter and
+        reference strategy; its steps then read the reference's top-``top_k`` log-probabilities
+        instead of running it. Batches need ``id``, ``input_ids``, ``attention_mask`` and ``labels``.
+        """
+        self.configure_model()
+        fingerprint = reference_fingerprint(self.reference_strategy, self.policy, self.reference, self._start_fingerprint)
+        if fingerprint is None:
+            raise LightningSafetyError("the reference's weights are not materialised (delayed initialisation): load real weights first")
+        return precompute_reference(
+            self.frozen_reference, batches, path, fingerprint=fingerprint, top_k=top_k, logprob_dtype=logprob_dtype
+        )
 
     def _local_stats(self, out: AdaptiveKLOutput, risk: Tensor, beta: Tensor) -> Tensor:
         tokens = out.tokens_per_example.float()
@@ -556,6 +606,7 @@ class SafeFineTuning(L.LightningModule):
             # adapter) on top of a different base and reference, silently.
             "start_model": self.hparams.get("model"),
             "start_fingerprint": self._start_fingerprint,
+            "reference_cache_digest": None if self._cache is None else self._cache.digest,
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -572,6 +623,12 @@ class SafeFineTuning(L.LightningModule):
                 f"this checkpoint was trained from model {extra.get('start_model')!r} (fingerprint {recorded[:12]}...), "
                 f"not from {self.hparams.get('model')!r} ({current[:12]}...): resume with the model it started from, "
                 "or start a new run without the checkpoint"
+            )
+        recorded_cache = extra.get("reference_cache_digest")
+        if self._cache is not None and recorded_cache is not None and recorded_cache != self._cache.digest:
+            raise LightningSafetyError(
+                f"this checkpoint was trained with another reference cache (digest {recorded_cache}, now "
+                f"{self._cache.digest}): resume with the cache it used, or without model.reference_cache"
             )
         self.schedule.load_state_dict(extra["schedule"])
         # Frozen weights were left out when saving: load_state_dict keeps them as loaded.

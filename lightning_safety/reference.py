@@ -24,8 +24,10 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from collections.abc import Iterator
-from typing import Literal
+import hashlib
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -33,6 +35,7 @@ from torch import Tensor, nn
 from lightning_safety.errors import IncompatibleReferenceError, ModelLoadError
 from lightning_safety.losses import ProjectedLogits
 from lightning_safety.models import causal_lm_logits, decoder_and_output_layer, eval_mode, supports_logits_to_keep
+from lightning_safety.reference_cache import DEFAULT_TOP_K, ReferenceCache, ReferenceCacheError, ReferenceCacheWriter
 
 __all__ = [
     "Reference",
@@ -46,6 +49,9 @@ __all__ = [
     "late_projection_parts",
     "late_projection_matches",
     "reference_logits",
+    "reference_fingerprint",
+    "open_reference_cache",
+    "precompute_reference",
 ]
 
 ReferenceStrategy = Literal["auto", "adapter_disabled", "adapter_copy", "model_copy", "separate"]
@@ -275,3 +281,86 @@ def reference_logits(
     if logits_to_keep:
         hidden = hidden[:, -logits_to_keep:]
     return ProjectedLogits(hidden, output_layer, output_layer.out_features)
+
+
+def reference_fingerprint(
+    strategy: str, policy: nn.Module, reference: nn.Module | None, start_fingerprint: str | None
+) -> str | None:
+    """A short identity of the frozen reference, for the reference cache (None if not computable yet).
+
+    ``adapter_disabled`` and ``model_copy``: the starting model's fingerprint (the reference is that
+    model); ``adapter_copy``: that plus a hash of the frozen ``reference`` adapter's weights;
+    ``separate``: the reference model's own fingerprint. Weights still on the meta device (delayed
+    initialisation) give None.
+    """
+    # Imported here: lightning_safety.risk imports this module (estimators read the reference).
+    from lightning_safety.risk.probe.artifact import model_fingerprint
+
+    hasher = hashlib.sha256(strategy.encode())
+    if strategy == "separate":
+        if reference is None or any(p.is_meta for p in reference.parameters()):
+            return None
+        hasher.update(model_fingerprint(reference).encode())
+    else:
+        if start_fingerprint is None:
+            return None
+        hasher.update(start_fingerprint.encode())
+    if strategy == "adapter_copy":
+        for name, parameter in policy.named_parameters():
+            if f".{REFERENCE_ADAPTER}." in name:
+                hasher.update(name.encode())
+                hasher.update(parameter.detach().float().cpu().numpy().tobytes())
+    return hasher.hexdigest()[:32]
+
+
+def open_reference_cache(path: str, fingerprint: str | None, policy: nn.Module) -> ReferenceCache:
+    """Open a reference cache for this reference, refusing one built for another model or vocabulary."""
+    if fingerprint is None:
+        raise ReferenceCacheError(
+            "model.reference_cache needs the reference's weights to check the cache against; they are not "
+            "materialised yet (delayed initialisation): build the module without it, or load real weights"
+        )
+    cache = ReferenceCache.open(path, fingerprint=fingerprint)
+    vocab = policy.get_output_embeddings().weight.shape[0]
+    if cache.vocab_size != vocab:
+        raise ReferenceCacheError(
+            f"the reference cache at {path} was built for a vocabulary of {cache.vocab_size} tokens, the model has "
+            f"{vocab}: rebuild it with `lightning-safety precompute-reference`"
+        )
+    return cache
+
+
+@torch.no_grad()
+def precompute_reference(
+    reference: Reference,
+    batches: Iterable[Mapping[str, Any]],
+    path: str | Path,
+    *,
+    fingerprint: str,
+    top_k: int = DEFAULT_TOP_K,
+    logprob_dtype: str = "float32",
+) -> ReferenceCache:
+    """Run the reference once over ``batches`` and write its top-k output per response token to ``path``.
+
+    Each batch needs ``id`` (example ids), ``input_ids``, ``attention_mask`` and ``labels`` [B, T]
+    (as :class:`~lightning_safety.data.ChatSFTDataModule` gives them); an id seen twice is
+    computed once. The folder appears only when every batch is done.
+
+    Returns:
+        The written cache, opened.
+    """
+    vocab = reference.policy.get_output_embeddings().weight.shape[0]
+    with ReferenceCacheWriter(path, top_k, vocab, fingerprint, logprob_dtype=logprob_dtype) as writer:
+        for batch in batches:
+            ids = batch.get("id")
+            if ids is None:
+                raise ReferenceCacheError("precomputing the reference needs example ids (batch['id']): use ChatSFTDataModule")
+            labels = batch["labels"]
+            new = [i for i, example_id in enumerate(ids) if str(example_id) not in writer]
+            if not new:
+                continue
+            rows = torch.tensor(new, device=labels.device)
+            mask = batch.get("attention_mask")
+            logits = reference.logits(batch["input_ids"][rows], None if mask is None else mask[rows])
+            writer.add_batch([str(ids[i]) for i in new], logits, labels[rows])
+    return ReferenceCache.open(path, fingerprint=fingerprint)

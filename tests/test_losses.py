@@ -615,3 +615,50 @@ def test_a_trainable_projection_is_not_detached_and_a_frozen_one_is():
     assert ProjectedLogits(hidden, head, 5, trainable=True)[:, :].requires_grad
     assert not ProjectedLogits(hidden, head, 5)[:, :].requires_grad
     assert not ProjectedLogits(hidden, head, 5, trainable=True).detach()[:, :].requires_grad
+
+
+def cached_reference(ref_logits: torch.Tensor, labels: torch.Tensor, rows: torch.Tensor, top_k: int):
+    """The reference's top-k output at the response tokens of ``rows``, as a cache stores it."""
+    from lightning_safety.reference_cache import CachedTokens
+
+    logq = torch.log_softmax(ref_logits.float(), dim=-1)
+    picked = [logq[r, (labels[r, 1:] != -100).nonzero().flatten()] for r in rows.tolist()]
+    logq = torch.cat(picked)  # [M, V]
+    values, ids = logq.topk(top_k, dim=-1)
+    rest = logq.scatter(-1, ids, float("-inf"))
+    return CachedTokens(ids, values, torch.logsumexp(rest, dim=-1).clamp_min(-87.3))
+
+
+@pytest.mark.parametrize("chunk_size", [None, 3])
+@pytest.mark.parametrize("direction", ["forward", "reverse"])
+def test_a_full_vocabulary_cache_gives_the_exact_loss_and_gradients(chunk_size, direction):
+    torch.manual_seed(3)
+    V = 11
+    logits = torch.randn(3, 8, V, requires_grad=True)
+    ref = torch.randn(3, 8, V)
+    labels = torch.randint(0, V, (3, 8))
+    labels[:, :3] = -100
+    labels[2, 6:] = -100
+    beta = torch.tensor([0.7, 0.0, 0.4])
+    rows = torch.tensor([0, 2])
+    kwargs = {"reference_rows": rows, "chunk_size": chunk_size, "direction": direction}
+    cached = adaptive_kl_loss(logits, cached_reference(ref, labels, rows, top_k=V), labels, beta, **kwargs)
+    (grad_cached,) = torch.autograd.grad(cached.loss, logits)
+    exact = adaptive_kl_loss(logits, ref[rows], labels, beta, **kwargs)
+    (grad_exact,) = torch.autograd.grad(exact.loss, logits)
+    torch.testing.assert_close(cached.loss, exact.loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(cached.kl_per_example, exact.kl_per_example, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad_cached, grad_exact, rtol=1e-4, atol=1e-6)
+    # Fewer cached tokens than the vocabulary: a lower bound of the exact KL, row by row.
+    top3 = adaptive_kl_loss(logits, cached_reference(ref, labels, rows, top_k=3), labels, beta, **kwargs)
+    assert bool((top3.kl_per_example <= exact.kl_per_example + 1e-6).all()) and float(top3.kl) > 0
+
+
+def test_a_cache_of_other_rows_is_refused():
+    torch.manual_seed(4)
+    logits, ref = torch.randn(2, 6, 7), torch.randn(2, 6, 7)
+    labels = torch.randint(0, 7, (2, 6))
+    labels[:, :2] = -100
+    both = cached_reference(ref, labels, torch.tensor([0, 1]), top_k=7)
+    with pytest.raises(DataError, match="cached reference holds"):
+        adaptive_kl_loss(logits, both, labels, torch.tensor([0.5, 0.0]), reference_rows=torch.tensor([0]))
