@@ -23,6 +23,7 @@ from typing import Any
 from lightning_safety._lazy import lazy_exports
 from lightning_safety.cli_help import top_level_help, wants_top_level_help
 from lightning_safety.errors import DataError, LightningSafetyError
+from lightning_safety.help_cache import cached_help, is_subcommand_help
 
 # Imported on first use: Lightning (seconds) is loaded only for fit/validate/test/predict.
 __getattr__, __dir__ = lazy_exports(__name__, {"lightning_safety.trainer_cli": ("SafetyCLI", "SaveConfigOnStart")})
@@ -59,20 +60,27 @@ def run_cli(args: Sequence[str] | None = None) -> Any:
         print(top_level_help(), end="", file=sys.stdout if argv else sys.stderr)
         raise SystemExit(0 if argv else 2)
     try:
+        if is_subcommand_help(argv):  # printed from the cache after the first time (no Lightning import)
+            cached_help(argv, lambda: _dispatch(argv, args))
         check_recipes(argv)
-        from lightning_safety.commands import is_command, run_command
-
-        if is_command(argv):
-            return run_command(argv)
-        from lightning_safety.trainer_cli import run_trainer_cli
-
-        return run_trainer_cli(None if args is None else argv)  # None: Lightning reads sys.argv, without a warning
+        return _dispatch(argv, args)
     except Exception as error:
         ours = _find_our_error(error)
         if ours is None:
             raise
         print(f"error: {ours}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def _dispatch(argv: list[str], args: Sequence[str] | None) -> Any:
+    """Run a command of :mod:`lightning_safety.commands`, or LightningCLI's fit/validate/test/predict."""
+    from lightning_safety.commands import is_command, run_command
+
+    if is_command(argv):
+        return run_command(argv)
+    from lightning_safety.trainer_cli import run_trainer_cli
+
+    return run_trainer_cli(None if args is None else argv)  # None: Lightning reads sys.argv, without a warning
 
 
 def check_recipes(argv: Sequence[str]) -> None:
