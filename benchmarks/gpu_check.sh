@@ -14,7 +14,7 @@
 #    fit on an 80 GB card), bf16, 4 x 512 tokens.
 # 4. tokens/s, MFU and peak memory of LoRA SFT vs adaptive KL (every row; 25% of the rows) on the
 #    Llama-3-8B shape with random weights, all 32 layers, bf16, LoRA r=64, gradient checkpointing,
-#    8 x 1024 tokens.
+#    8 x 1024 tokens, and adaptive KL on every row with the reference read from a top-64 cache (a later epoch).
 # Each step logs to OUT_DIR/<step>.log, a failed step does not stop the next ones, and the exit status
 # is 1 if any failed. OUT_DIR/summary.md collects the step times and the tables. Keep OUT_DIR outside
 # the repository or git-ignored: the tests fail if they see new files in the working tree.

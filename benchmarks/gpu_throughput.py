@@ -56,6 +56,7 @@ import json
 import math
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -92,6 +93,9 @@ _DEFAULTS = {
 
 
 # ----------------------------------------------------------------------------------- arguments
+CONFIGS = (*TRAIN_CONFIGS, "cached_all")
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="Tokens/s, MFU and peak memory of LoRA SFT vs adaptive KL (or an FSDP2 run) on an 8B-shaped model.",
@@ -110,6 +114,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--prompt-len", type=int, default=None, help="leading tokens per row with label -100 (default T/2)")
     parser.add_argument("--lora-r", type=int, default=64)
     parser.add_argument("--chunk-size", type=int, default=256)
+    parser.add_argument("--cache-top-k", type=int, default=64, help="k of the reference cache (cached_all)")
     parser.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--repeats", type=int, default=None, help="timed steps of every configuration (default 5)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed rounds first (default 2)")
@@ -205,15 +210,18 @@ def run_throughput(args: argparse.Namespace, device: torch.device) -> dict[str, 
     params = flop_parameters(setup.module.policy)
     peak, peak_source = peak_flops(args, device)
     tokens = args.batch_size * args.seq_len
-    expected = {"sft": 0, "adaptive_all": args.batch_size, "adaptive_25": risky_row_count(args.batch_size)}
-    with counting_reference_rows() as rows:
-        actions = {name: (lambda name=name: train_step(setup, name)) for name in TRAIN_CONFIGS}
-        times = run_interleaved(actions, warmup=args.warmup, repeats=args.repeats, device=device, tag="throughput")
-        memory = measure_memory(setup) if device.type == "cuda" else None
-        counted = list(rows)
+    expected = {"sft": 0, "adaptive_all": args.batch_size, "adaptive_25": risky_row_count(args.batch_size), "cached_all": 0}
+    with tempfile.TemporaryDirectory(prefix="gpu-reference-cache-") as folder:
+        cache = reference_cache_of(setup, Path(folder) / "cache", args.cache_top_k)
+        with counting_reference_rows() as rows:
+            actions = {name: (lambda name=name: train_step(setup, name)) for name in TRAIN_CONFIGS}
+            actions["cached_all"] = lambda: cached_step(setup, cache)
+            times = run_interleaved(actions, warmup=args.warmup, repeats=args.repeats, device=device, tag="throughput")
+            memory = measure_memory(setup, cache) if device.type == "cuda" else None
+            counted = list(rows)
     steps = args.warmup + args.repeats + (1 if memory is not None else 0)
     configs = {}
-    for name in TRAIN_CONFIGS:
+    for name in CONFIGS:
         median = statistics.median(times[name])
         configs[name] = {"times": times[name], "median": median, **rates(median, tokens, params, peak),
                          "peak_memory": None if memory is None else memory[name]["peak"],
@@ -236,12 +244,29 @@ def run_throughput(args: argparse.Namespace, device: torch.device) -> dict[str, 
     }
 
 
-def measure_memory(setup: LoraSetup) -> dict[str, dict[str, int]]:
+def reference_cache_of(setup: LoraSetup, folder: Path, top_k: int) -> Any:
+    """The reference's top-k output for the setup's batch (its rows get ids), written and opened."""
+    ids = [f"row-{i}" for i in range(setup.batches["sft"]["input_ids"].shape[0])]
+    for batch in setup.batches.values():
+        batch["id"] = ids
+    return setup.module.precompute_reference([setup.batches["sft"]], str(folder), top_k=top_k)
+
+
+def cached_step(setup: LoraSetup, cache: Any) -> None:
+    """``adaptive_all`` with the reference read from the cache instead of run (a later epoch)."""
+    setup.module.use_reference_cache(cache)
+    try:
+        train_step(setup, "adaptive_all")
+    finally:
+        setup.module.use_reference_cache(None)
+
+
+def measure_memory(setup: LoraSetup, cache: Any) -> dict[str, dict[str, int]]:
     """Per configuration: allocated bytes once set up, and the peak of one step (CUDA)."""
     found = {}
-    for name in TRAIN_CONFIGS:
+    for name in CONFIGS:
         baseline, _ = memory_baseline(setup.device, [setup.module])
-        train_step(setup, name)
+        cached_step(setup, cache) if name == "cached_all" else train_step(setup, name)
         peak, _ = memory_peak(setup.device)
         found[name] = {"baseline": baseline, "peak": peak}
     return found
@@ -407,13 +432,14 @@ def render(result: Mapping[str, Any]) -> str:
             "sft": "plain LoRA SFT: `ConstantBeta(0)`",
             "adaptive_all": "adaptive KL, all rows: `LinearRiskSchedule(0.1, 0.9)`",
             "adaptive_25": "adaptive KL, 25% rows risky: `ThresholdRiskSchedule(0.5, 0, 0.9)`",
+            "cached_all": "adaptive KL, all rows, reference from the cache (`use_reference_cache`, a later epoch)",
         }
         header = ["Configuration", "Reference rows / step", "Median step (s)", "Tokens/s", "x SFT tokens/s", "MFU",
                   "Peak memory (MiB)"]
         rows = [[f"`{name}`: {labels[name]}", str(entry["expected_reference_rows"]), seconds_text(entry["median"]),
                  f"{entry['tokens_per_s']:.0f}", f"{sft / entry['median']:.3f}", _mfu(entry["mfu"]),
                  _memory(entry["peak_memory"])]
-                for name, entry in ((name, configs[name]) for name in TRAIN_CONFIGS)]
+                for name, entry in ((name, configs[name]) for name in CONFIGS)]
         table = markdown_table(header, "lrrrrrr", rows)
         notes = [f"Reference rows counted over all steps: {result['reference_rows_counted']} (expected "
                  f"{result['reference_rows_expected']}). {check}"]

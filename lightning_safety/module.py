@@ -256,8 +256,7 @@ class SafeFineTuning(L.LightningModule):
         self.policy = policy
         self.reference = reference
         if self.reference_cache is not None:
-            fingerprint = reference_fingerprint(self.reference_strategy, policy, reference, self._start_fingerprint)
-            self._cache = open_reference_cache(self.reference_cache, fingerprint, policy)
+            self.use_reference_cache(self.reference_cache)
         self._keep_logits_supported = supports_logits_to_keep(policy) and (
             reference is None or supports_logits_to_keep(reference)
         )
@@ -409,6 +408,20 @@ class SafeFineTuning(L.LightningModule):
             input_ids = input_ids[rows]
             attention_mask = attention_mask[rows] if attention_mask is not None else None
         return self.reference_forward(input_ids, attention_mask, logits_to_keep=keep), ref_rows
+
+    def use_reference_cache(self, cache: str | ReferenceCache | None) -> None:
+        """Read the reference from ``cache`` (a folder or an open cache) from now on; None runs it again.
+
+        E.g. precompute during the first epoch's set-up and switch on for the rest. Refuses a cache
+        built for another reference or vocabulary (after ``configure_model``).
+        """
+        if cache is None:
+            self._cache = None
+            return
+        fingerprint = reference_fingerprint(self.reference_strategy, self.policy, self.reference, self._start_fingerprint)
+        if isinstance(cache, ReferenceCache):
+            cache = str(cache.path) if cache.fingerprint != fingerprint else cache
+        self._cache = cache if isinstance(cache, ReferenceCache) else open_reference_cache(cache, fingerprint, self.policy)
 
     def precompute_reference(
         self, batches: Iterable[Mapping[str, Any]], path: str, *, top_k: int = DEFAULT_TOP_K, logprob_dtype: str = "float32"
