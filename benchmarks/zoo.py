@@ -89,12 +89,15 @@ from lightning_safety.risk.probe import fit_probe  # noqa: E402
 NEEDED = ("advbench_harmful_behaviors.csv", "alpaca_instructions.jsonl", "xstest_prompts.csv", "sst2_dev.tsv",
           "sst2_train.tsv", "gsm8k_train.jsonl")
 METHODS = ("sft", "sft_token", "constant_kl", "adaptive_probe", "adaptive_judge", "adaptive_judge_pair",
-           "adaptive_probe_drift")
+           "adaptive_probe_drift", "adaptive_probe_cached")
+DEFAULT_METHODS = METHODS[:-1]  # adaptive_probe_cached checks the reference cache's approximation: asked for by name
+DEFAULT_CACHE_TOP_K = 64
 DEFENCES = ("adaptive_probe", "adaptive_judge", "adaptive_judge_pair", "adaptive_probe_drift")
 LABELS = {"aligned": "aligned", "sft": "plain SFT", "sft_token": "plain SFT (token mean)", "constant_kl": "constant KL",
           "adaptive_probe": "adaptive (probe)",
           "adaptive_judge": "adaptive (judge, request)", "adaptive_judge_pair": "adaptive (judge, request+answer)",
-          "adaptive_probe_drift": "adaptive (probe) + drift controller"}
+          "adaptive_probe_drift": "adaptive (probe) + drift controller",
+          "adaptive_probe_cached": "adaptive (probe), reference from a top-k cache"}
 QUICK = {"canaries": 8, "task_rows": 16, "attack_rows": 4, "full_rows": 8, "other_benign": 8, "test": 8, "xstest": 8, "sst2_dev": 16,
          "epochs": 1, "epochs_full": 1, "align_harmful": 12, "align_benign": 12, "align_epochs": 1, "max_new_tokens": 8,
          "attack_max_new_tokens": 24, "seeds": [0], "estimator_task_rows": 8}
@@ -389,7 +392,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="drift budget = this x the largest drift of a clean task fine-tune")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--attacks", nargs="+", default=list(zoo.ATTACKS))
-    parser.add_argument("--methods", nargs="+", default=list(METHODS))
+    parser.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS))
+    parser.add_argument("--cache-top-k", type=int, default=DEFAULT_CACHE_TOP_K,
+                        help="k of the reference cache of the *_cached methods")
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--attack-max-new-tokens", type=int, default=96)
     parser.add_argument("--generation-batch-size", type=int, default=32)
@@ -458,6 +463,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # The drift margin changes only the drift cells, which carry it in their names: it stays at its default in
     # the key, so that runs with other margins share every other cell (and earlier runs' keys stay valid).
     config["drift_margin"] = DEFAULT_DRIFT_MARGIN
+    if config.pop("cache_top_k") != DEFAULT_CACHE_TOP_K:  # only the *_cached cells read it
+        config["cache_top_k"] = args.cache_top_k
     if config.pop("estimator_mix") != "plain":  # a new mix is new estimators and cells; the default keeps old keys
         config["estimator_mix"] = args.estimator_mix
     run_key = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:12]
@@ -620,10 +627,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         fail(f"--no-train found no aligned model's evaluation in {work}: run the benchmark once without it")
     log(f"aligned: {json.dumps({k: v['rate'] for k, v in aligned['conditions'].items()})}")
 
-    def settings(attack: str, seed: int, normalization: str | None = None) -> FinetuneSettings:
+    def settings(attack: str, seed: int, normalization: str | None = None, cache_top_k: int | None = None) -> FinetuneSettings:
         return FinetuneSettings(epochs=args.epochs_full if attack == "full_harmful" else args.epochs, lr=args.lr,
                                 lora=lora, max_length=args.max_length, batch_size=8, seed=seed,
-                                normalization=normalization or args.normalization)
+                                normalization=normalization or args.normalization, reference_cache_top_k=cache_top_k)
 
     def drift_controller(budget: float | None) -> SafetyDriftController:
         return SafetyDriftController(canaries, every_n_steps=args.drift_every, budget=budget, step=0.3,
@@ -645,12 +652,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     def run_cell(attack_name: str, name: str, seed: int) -> dict[str, Any]:
         attack = attacks[attack_name] if seed == args.seeds[0] else build(attack_name, seed)
         # sft_token: plain SFT with the token mean, what most trainers do (long harmful answers weigh more).
-        base = "sft" if name == "sft_token" else name.removesuffix("_drift")
+        # <method>_cached: the same method reading the reference from a top-k cache written before training.
+        cache_top_k = args.cache_top_k if name.endswith("_cached") else None
+        base = "sft" if name == "sft_token" else name.removesuffix("_drift").removesuffix("_cached")
         chosen = method(base, args.beta if name == "constant_kl" else None)
         controllers = [drift_controller(budget)] if name.endswith("_drift") else []
         log(f"{attack_name} / {name} / seed {seed}: {len(attack.rows)} rows ({attack.attack_rows} the attacker's)")
         normalization = "token" if name == "sft_token" else None
-        result = finetune(str(reference), attack.rows, chosen, settings(attack_name, seed, normalization), probe=probe,
+        result = finetune(str(reference), attack.rows, chosen, settings(attack_name, seed, normalization, cache_top_k), probe=probe,
                           judge=pair_judge if name == "adaptive_judge_pair" else judge, callbacks=controllers)
         rates, by_condition, seconds = evaluate(result.model, result.tokenizer, [attack_name])
         cell = {"attack": attack_name, "method": name, "seed": seed, "beta": chosen.beta,

@@ -180,6 +180,21 @@ def test_constant_kl_with_beta_one_keeps_the_reference_while_sft_learns(tiny_mod
     assert abs(held - before) < 0.05 * (before - learnt)
 
 
+def test_a_full_vocabulary_reference_cache_trains_the_same_model(tiny_model_dir):
+    """constant KL 0.5 from the reference cache (k = the whole vocabulary) = the same run with the reference forward."""
+    data = rows(HARMFUL[:8], "Sure, here it is.", True)
+    vocab = load_causal_lm(TINY).get_output_embeddings().weight.shape[0]
+    exact = finetune(TINY, data, method("constant_kl", 0.5), FinetuneSettings(epochs=2, lr=1e-2, batch_size=4)).model
+    settings = FinetuneSettings(epochs=2, lr=1e-2, batch_size=4, reference_cache_top_k=vocab)
+    cached = finetune(TINY, data, method("constant_kl", 0.5), settings).model
+    trained = FinetuneSettings(epochs=2, lr=1e-2, batch_size=4)
+    moved = finetune(TINY, data, method("sft"), trained).model
+    exact_state, cached_state = exact.state_dict(), cached.state_dict()
+    assert any(not torch.equal(exact_state[k], v) for k, v in moved.state_dict().items())  # training moved weights
+    for name, value in exact_state.items():
+        torch.testing.assert_close(cached_state[name], value, rtol=1e-4, atol=1e-5)
+
+
 # ------------------------------------------------------------------ the demo
 
 

@@ -101,6 +101,8 @@ class FinetuneSettings:
         beta_min, beta_max: the adaptive methods' linear schedule (the paper: 0.1 and 0.9).
         normalization: how the loss averages over a batch: ``token`` or ``example`` (every row
             weighs the same; see :class:`~lightning_safety.module.SafeFineTuning`).
+        reference_cache_top_k: read the reference from a top-k reference cache written before
+            training (None: run the reference every step).
     """
 
     epochs: int = 2
@@ -112,6 +114,7 @@ class FinetuneSettings:
     beta_min: float = 0.1
     beta_max: float = 0.9
     normalization: str = "token"
+    reference_cache_top_k: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("epochs", "max_length", "batch_size"):
@@ -212,6 +215,7 @@ def finetune(
         str(model), rows, tokenizer, schedule=schedule, lora=settings.lora, epochs=settings.epochs, lr=settings.lr,
         weight_decay=0.0, max_length=settings.max_length, batch_size=settings.batch_size, seed=settings.seed,
         normalization=settings.normalization, callbacks=[*risk_callbacks, *callbacks], progress=progress,
+        reference_cache_top_k=settings.reference_cache_top_k,
     )
     risk: dict[str, float] = {}
     failures = 0

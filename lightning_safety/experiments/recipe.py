@@ -64,6 +64,7 @@ def fine_tune(
     normalization: str = "token",
     callbacks: Sequence[Any] = (),
     progress: bool = False,
+    reference_cache_top_k: int | None = None,
 ) -> FineTuned:
     """LoRA fine-tune ``model`` on ``rows`` on the CPU (reference: ``model`` with the adapter off) and merge the LoRA.
 
@@ -89,6 +90,9 @@ def fine_tune(
         normalization: the loss's batch average, ``token`` or ``example`` (see ``SafeFineTuning``).
         callbacks: Lightning callbacks for the run (risk estimation, drift control, ...).
         progress: Lightning's progress bar.
+        reference_cache_top_k: run the reference once over the rows before training and read its
+            top-k log-probabilities from a reference cache at every step (None: run it every step).
+            Its time counts in ``seconds``.
     """
     # Imported here: Lightning costs seconds, and ``lightning-safety --help`` imports the experiments.
     import lightning as L
@@ -118,6 +122,13 @@ def fine_tune(
                 default_root_dir=root, callbacks=list(callbacks),
             )
             started = time.perf_counter()
+            if reference_cache_top_k is not None:
+                module.configure_model()
+                with torch.random.fork_rng(devices=[]):  # the pass over the data must not move the run's RNG
+                    data.setup("fit")
+                    cache = module.precompute_reference(data.train_dataloader(), f"{root}/reference_cache",
+                                                        top_k=reference_cache_top_k)
+                module.use_reference_cache(cache)
             trainer.fit(module, datamodule=data)
             seconds = time.perf_counter() - started
     merged = module.policy.merge_and_unload()
