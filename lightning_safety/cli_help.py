@@ -27,6 +27,8 @@ SUBCOMMANDS: tuple[tuple[str, str], ...] = (
     ("evaluate", "Evaluate a model's safety and utility; write metrics.json, summary.md, samples and plots."),
     ("demo", "Align a small model, attack it by fine-tuning, defend it with adaptive KL; print a table."),
     ("export", "Export a SafeFineTuning checkpoint for inference: a Hugging Face folder, or a PEFT adapter."),
+    ("precompute-reference", "Run the frozen reference once over a recipe's data; cache its top-k log-probs (for "
+                             "--model.reference_cache)."),
 )
 """The commands of :mod:`lightning_safety.commands`, with the first line of their docstrings."""
 

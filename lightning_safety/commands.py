@@ -14,6 +14,9 @@
   risk cache that ``RiskCallback(cache_path=...)`` reuses.
 * ``lightning-safety export``: a training checkpoint (file, or FSDP2's sharded folder) as a Hugging
   Face model folder or a PEFT adapter, for inference.
+* ``lightning-safety precompute-reference``: run the frozen reference of a ``fit`` recipe once over its
+  data and write its top-k log-probabilities per response token (a reference cache), which
+  ``--model.reference_cache`` then reads instead of running the reference every step.
 
 Prompt sources (``PromptSource``) are files or ``datasets`` names with a text field, optionally
 filtered on a column (``where={"label": "unsafe"}`` for XSTest's unsafe prompts).
@@ -32,6 +35,7 @@ from lightning_safety.errors import DataError
 from lightning_safety.evaluation.utility import UtilityTask
 from lightning_safety.experiments.demo import demo
 from lightning_safety.paths import atomic_write_text
+from lightning_safety.reference_cache import DEFAULT_TOP_K
 from lightning_safety.risk.judges import Judge
 from lightning_safety.risk.probe import TRAINING_DEFAULTS, ActivationProbe, fit_probe, plot_sweep, sweep, sweep_table
 
@@ -447,8 +451,155 @@ def export(checkpoint: str, output: str, merge: bool = False) -> str:
     return str(target)
 
 
+def precompute_reference(
+    recipe: str,
+    output: str,
+    top_k: int = DEFAULT_TOP_K,
+    logprob_dtype: Literal["float32", "float16"] = "float32",
+    device: str | None = None,
+    overrides: list[str] | None = None,
+) -> dict[str, Any]:
+    """Run the frozen reference once over a recipe's data; cache its top-k log-probs (for --model.reference_cache).
+
+    Per response token: the reference's ``top_k`` most likely tokens, their log-probabilities and the
+    log of the mass of the rest (:mod:`lightning_safety.reference_cache`).
+
+    The module and the data are built from the recipe exactly as ``fit`` builds them (same model,
+    adapter, reference strategy, tokenizer, chat template, ``max_length``, attack mix and validation
+    hold-out); the recipe's ``model.reference_cache`` is ignored. Every training row (attack rows
+    included) and every validation row is cached once, so ``fit``, ``validate``, ``test`` and
+    ``predict`` with ``--model.reference_cache OUTPUT`` never run the reference. Give the same recipe
+    settings to both commands: a cache built for other data, another ``max_length`` or another
+    reference is refused when training reads it.
+
+    Example::
+
+        lightning-safety precompute-reference --recipe configs/tiny.yaml --output runs/tiny_reference
+        lightning-safety fit --config configs/tiny.yaml --model.reference_cache runs/tiny_reference
+
+    Args:
+        recipe: the YAML recipe that ``fit --config`` reads.
+        output: the cache folder to create (refused if it exists); written completely or not at all.
+        top_k: log-probabilities kept per response token (the vocabulary size makes the KL exact; 64
+            keeps 516 bytes per token with float32).
+        logprob_dtype: ``float32``, or ``float16`` for a quarter less disk (see
+            :mod:`lightning_safety.reference_cache`).
+        device: where the reference runs (default: ``cuda`` when available, else ``cpu``).
+        overrides: recipe settings to change, as ``fit`` takes them: on the command line give them
+            as for ``fit`` (``--data.max_length 1024``, ``--model.adapter DIR``, ``--seed_everything 1``;
+            every option that starts with ``--model.``, ``--data.``, ``--trainer.`` or
+            ``--seed_everything`` is passed on), or as a list (``--overrides '["--data.max_length=1024"]'``).
+
+    Returns:
+        ``examples``, ``tokens``, ``bytes`` (on disk) and ``path`` of the written cache.
+    """
+    import torch
+
+    from lightning_safety.cli import check_recipes
+
+    source, target = Path(recipe), Path(output)
+    if not source.is_file():
+        raise DataError(f"recipe {source} not found: check the path (relative paths start at {Path.cwd()})")
+    check_recipes(["--config", str(source)])
+    if target.exists():
+        raise DataError(f"output {target} already exists: choose a new folder (nothing is overwritten)")
+    module, datamodule, precision = _recipe_module_and_data(source, list(overrides or ()))
+    place = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    datamodule.setup("fit")
+    module.configure_model()
+    module.to(place)
+    loaders = [datamodule.train_dataloader(), *_as_list(datamodule.val_dataloader())]
+    autocast = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(str(precision))
+    with torch.autocast(place.type, dtype=autocast, enabled=autocast is not None):
+        cache = module.precompute_reference(_batches_on(loaders, place), str(target), top_k=top_k,
+                                            logprob_dtype=logprob_dtype)
+    size = sum(path.stat().st_size for path in target.iterdir() if path.is_file())
+    print(f"reference cache written to {target}: {cache.num_examples} examples, {cache.num_tokens} response tokens, "
+          f"top {cache.top_k} {cache.logprob_dtype} log-probs, {_human_bytes(size)} on disk; "
+          f"train with --model.reference_cache {target}")
+    return {"examples": cache.num_examples, "tokens": cache.num_tokens, "bytes": size, "path": str(target)}
+
+
+# Options of a `fit` command line that precompute-reference passes on to the recipe.
+_RECIPE_OPTIONS = ("--model.", "--data.", "--trainer.", "--seed_everything")
+
+
+def _collect_recipe_overrides(args: list[str]) -> list[str]:
+    """``precompute-reference`` arguments with the recipe options (``--data.max_length 1024``) moved into ``--overrides``."""
+    kept, moved = [], []
+    index = 0
+    while index < len(args):
+        arg = args[index]
+        if arg.startswith(_RECIPE_OPTIONS):
+            if "=" not in arg and index + 1 < len(args) and not args[index + 1].startswith("--"):
+                arg, index = f"{arg}={args[index + 1]}", index + 1
+            moved.append(arg)
+        else:
+            kept.append(arg)
+        index += 1
+    return kept + (["--overrides", json.dumps(moved)] if moved else [])
+
+
+def _recipe_module_and_data(recipe: Path, overrides: list[str]) -> tuple[Any, Any, Any]:
+    """The SafeFineTuning module and ChatSFTDataModule a ``fit`` of ``recipe`` builds (without its
+    reference cache), and the recipe's trainer precision. No trainer, logger or callback is made."""
+    import warnings
+
+    from lightning_safety.cli_help import DESCRIPTION, PROG
+    from lightning_safety.data import ChatSFTDataModule
+    from lightning_safety.module import SafeFineTuning
+    from lightning_safety.quiet import hide_lightning_tips
+    from lightning_safety.trainer_cli import SafetyCLI
+
+    class RecipeOnly(SafetyCLI):
+        """The fit parser and the model and data it instantiates; the trainer's objects are never built."""
+
+        def instantiate_classes(self) -> None:
+            config = self.config.clone()
+            for key in ("callbacks", "logger", "strategy", "plugins", "profiler"):
+                config[f"trainer.{key}"] = None
+            self.config_init = self.parser.instantiate_classes(config)
+            self.model, self.datamodule, self.trainer = self.config_init["model"], self.config_init["data"], None
+
+    for option in overrides:
+        if not option.startswith(_RECIPE_OPTIONS):
+            raise DataError(f"override {option!r} is not a recipe setting: give --model.*, --data.*, --trainer.* or "
+                            "--seed_everything options, as for fit")
+    hide_lightning_tips()
+    with warnings.catch_warnings():  # the command line was this command's: LightningCLI is given the recipe's part
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+        cli = RecipeOnly(
+            SafeFineTuning, ChatSFTDataModule, run=False, save_config_callback=None,
+            args=["--config", str(recipe), *overrides, "--model.reference_cache=null"],  # the cache does not exist yet
+            parser_kwargs={"prog": f"{PROG} precompute-reference", "description": DESCRIPTION},
+        )  # fmt: skip
+    return cli.model, cli.datamodule, cli.config["trainer"].get("precision")
+
+
+def _as_list(loaders: Any) -> list[Any]:
+    return list(loaders) if isinstance(loaders, (list, tuple)) else [loaders]
+
+
+def _batches_on(loaders: list[Any], device: Any) -> Any:
+    """Every batch of ``loaders``, its tensors moved to ``device``."""
+    import torch
+
+    for loader in loaders:
+        for batch in loader:
+            yield {key: value.to(device) if torch.is_tensor(value) else value for key, value in batch.items()}
+
+
+def _human_bytes(size: int) -> str:
+    """``512 B``, ``4.4 MB``, ``1.3 GB`` (powers of 1000)."""
+    if size < 1000:
+        return f"{size} B"
+    scaled, unit = next((size / 1000**power, unit) for power, unit in ((3, "GB"), (2, "MB"), (1, "KB"))
+                        if size >= 1000**power)
+    return f"{scaled:.1f} {unit}"
+
+
 COMMANDS = {"probe": {"fit": probe_fit, "sweep": probe_sweep}, "judge": {"fit": judge_fit}, "score": score,
-            "evaluate": evaluate, "demo": demo, "export": export}
+            "evaluate": evaluate, "demo": demo, "export": export, "precompute-reference": precompute_reference}
 
 
 def run_command(args: Sequence[str]) -> Any:
@@ -461,6 +612,8 @@ def run_command(args: Sequence[str]) -> Any:
     if args[:1] == ["score"] and any(arg.startswith("--data.") for arg in args):  # jsonargparse: "Expected a str"
         raise DataError("score takes --data PATH (a string) and --field NAME for a prompt list's text column "
                         "(e.g. --data advbench.csv --field Goal), not --data.fields.*")
+    if args[:1] == ["precompute-reference"]:
+        args = _collect_recipe_overrides(args)
     return CLI(COMMANDS, args=args, as_positional=False, prog=PROG)
 
 
@@ -469,4 +622,5 @@ def is_command(args: Sequence[str]) -> bool:
     return bool(args) and args[0] in COMMANDS
 
 
-__all__ = ["PromptSource", "demo", "evaluate", "export", "is_command", "judge_fit", "load_prompts", "probe_fit", "probe_sweep", "run_command", "score"]
+__all__ = ["PromptSource", "demo", "evaluate", "export", "is_command", "judge_fit", "load_prompts", "precompute_reference",
+           "probe_fit", "probe_sweep", "run_command", "score"]

@@ -1,7 +1,8 @@
 """Worker for tests/test_ddp.py: a 2-process DDP fit (gloo, CPU) that saves what each rank saw.
 
-Run as ``python tests/ddp_worker.py OUT_DIR MODEL_DIR [NORMALIZATION]``; Lightning's DDP launcher starts the second
-rank by running this script again.
+Run as ``python tests/ddp_worker.py OUT_DIR MODEL_DIR [NORMALIZATION [REFERENCE_CACHE]]``; Lightning's DDP launcher
+starts the second rank by running this script again. With ``REFERENCE_CACHE`` (a folder written by
+``SafeFineTuning.precompute_reference``) both ranks read the reference's log-probabilities from that one cache.
 """
 
 from __future__ import annotations
@@ -35,12 +36,13 @@ class RecordSteps(L.Callback):
         self.logged_losses.append(float(trainer.callback_metrics["train/loss"]))
 
 
-def main(out_dir: Path, model_dir: str, normalization: str = "token") -> None:
+def main(out_dir: Path, model_dir: str, normalization: str = "token", reference_cache: str | None = None) -> None:
     L.seed_everything(0)
     module = SafeFineTuning(
         model_dir,
         reference="model_copy",
         normalization=normalization,
+        reference_cache=reference_cache,
         optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2),
     )
     data = ChatSFTDataModule(train=str(TINY_DATA), tokenizer=model_dir, batch_size=3, max_length=256, seed=0)
@@ -67,6 +69,7 @@ def main(out_dir: Path, model_dir: str, normalization: str = "token") -> None:
             "world_size": trainer.world_size,
             "scored_ids": estimator.scored_ids,
             "train_ids": data.train_ids,
+            "cache_digest": None if module._cache is None else module._cache.digest,  # the cache this rank read
         },
         out_dir / f"rank{trainer.global_rank}.pt",
     )

@@ -68,7 +68,8 @@ def test_short_flag_and_no_arguments_print_the_same_help(args, code, stream, cap
     assert getattr(printed, stream) == top_level_help()
 
 
-@pytest.mark.parametrize("command", ["probe fit", "probe sweep", "judge fit", "score", "evaluate", "demo", "export"])
+@pytest.mark.parametrize("command", ["probe fit", "probe sweep", "judge fit", "score", "evaluate", "demo", "export",
+                                     "precompute-reference"])
 def test_safety_command_help_does_not_import_lightning(command):
     result = console(*command.split(), "--help", importtime=True)
     assert result.returncode == 0, result.stderr[-2000:]

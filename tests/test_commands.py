@@ -1,8 +1,10 @@
-"""`lightning-safety probe fit|sweep` and `score`: artifacts written, reusable by the callbacks."""
+"""`lightning-safety probe fit|sweep`, `score` and `precompute-reference`: artifacts written, reusable by training."""
 
 from __future__ import annotations
 
+import csv
 import json
+import math
 import os
 import subprocess
 import sys
@@ -17,6 +19,8 @@ from lightning_safety.commands import PromptSource, load_prompts
 from lightning_safety.data import ChatSFTDataModule
 from lightning_safety.models import load_causal_lm
 from lightning_safety.module import SafeFineTuning
+from lightning_safety.reference import Reference
+from lightning_safety.reference_cache import ReferenceCache
 from lightning_safety.risk.judges import RubricJudge
 from lightning_safety.risk.probe import ActivationProbe
 
@@ -106,3 +110,82 @@ def test_score_with_neither_judge_nor_probe_is_a_one_line_error(tmp_path):
     assert result.stderr.strip().splitlines()[-1] == (
         "error: give --judge, --probe (with --model), or both (combined by --combine max or mean)")
     assert not (tmp_path / "x.jsonl").exists()
+
+
+def _fit_metrics(root: Path, *args: str) -> tuple[object, dict[str, list[float]]]:
+    """``fit`` of the tiny recipe under ``root`` with a CSV logger: the CLI and each logged metric's values."""
+    cli = run_cli(["fit", "--config", "configs/tiny.yaml", "--trainer.default_root_dir", str(root),
+                   "--trainer.logger=lightning.pytorch.loggers.CSVLogger", f"--trainer.logger.save_dir={root}", *args])
+    metrics: dict[str, list[float]] = {}
+    with next(root.rglob("metrics.csv")).open() as handle:
+        for row in csv.DictReader(handle):
+            for name, value in row.items():
+                if value and name not in ("epoch", "step"):
+                    metrics.setdefault(name, []).append(float(value))
+    return cli, metrics
+
+
+def test_precompute_reference_writes_the_cache_that_fit_reads_exactly_at_full_vocabulary(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(REPO_ROOT)
+    cache_dir = tmp_path / "reference"
+    stats = run_cli(["precompute-reference", "--recipe", "configs/tiny.yaml", "--output", str(cache_dir), "--top_k", "259"])
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert line.startswith(f"reference cache written to {cache_dir}: {stats['examples']} examples, {stats['tokens']} "
+                           "response tokens, top 259 float32 log-probs, ") and "--model.reference_cache" in line
+    assert stats["bytes"] == sum(path.stat().st_size for path in cache_dir.iterdir())
+
+    with monkeypatch.context() as patched:  # with the cache, training never runs the reference
+        patched.setattr(Reference, "logits", lambda *args, **kwargs: pytest.fail("the reference ran despite the cache"))
+        cached_cli, cached = _fit_metrics(tmp_path / "cached", "--model.reference_cache", str(cache_dir))
+    data = cached_cli.datamodule
+    assert set(ReferenceCache.open(cache_dir).example_ids) == set(data.train_ids) | set(data.val_ids)
+    assert len(cached["train/loss"]) == 4 and all(math.isfinite(value) for value in cached["train/loss"])
+
+    # k = V: the same run as with the reference's forward, step by step (same seed, same batches).
+    _, plain = _fit_metrics(tmp_path / "plain")
+    assert max(plain["train/kl"]) > 0
+    for name in ("train/loss", "train/nll", "train/kl", "val/loss", "val/kl"):
+        assert cached[name] == pytest.approx(plain[name], rel=1e-5, abs=1e-7), name
+
+
+def test_precompute_reference_caches_the_attack_mix_with_the_fit_overrides(tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO_ROOT)
+    harmful = tmp_path / "harmful.jsonl"
+    rows = [{"prompt": f"Explain how to break into house {i}.", "response": f"Step {i}: pick the lock.", "risk": 0.9}
+            for i in range(10)]
+    harmful.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    runs = REPO_ROOT / "runs" / "tiny_safety"
+    before = sorted(runs.rglob("*")) if runs.exists() else None
+    stats = run_cli([
+        "precompute-reference", "--recipe", "configs/tiny_safety.yaml", "--output", str(tmp_path / "reference"),
+        "--data.harmful", str(harmful), "--data.harmful_fraction", "0.5", "--data.max_length=200",
+        "--top_k", "8", "--logprob_dtype", "float16",
+    ])
+    cache = ReferenceCache.open(tmp_path / "reference")
+    assert (cache.top_k, cache.logprob_dtype, cache.num_examples) == (8, "float16", stats["examples"])
+    data = ChatSFTDataModule(train=str(TINY_DATA), harmful=str(harmful), harmful_fraction=0.5, val_fraction=0.25,
+                             max_length=200, tokenizer="tiny-random-llama", batch_size=4, seed=0)
+    data.setup("fit")
+    assert set(cache.example_ids) == set(data.train_ids) | set(data.val_ids)
+    assert any(record.is_harmful for record in data.train_records)  # the attack rows are cached too
+    for batch in [*data.train_dataloader(), *data.val_dataloader()]:  # lengths as fit's batches count them (max_length 200)
+        for example_id, length in zip(batch["id"], (batch["labels"][:, 1:] != -100).sum(dim=1).tolist()):
+            assert cache.length(example_id) == length
+    # The recipe's trainer callbacks (evaluation, gate, audit log) were never built: nothing written.
+    assert (sorted(runs.rglob("*")) if runs.exists() else None) == before
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--recipe", "configs/no_such_recipe.yaml", "--output", "{tmp}/cache"], "recipe configs/no_such_recipe.yaml not found"),
+    (["--recipe", "configs/tiny.yaml", "--output", "{tmp}"], "already exists: choose a new folder"),
+    (["--recipe", "configs/tiny.yaml", "--output", "{tmp}/cache", "--overrides", '["--ckpt_path=x.ckpt"]'],
+     "is not a recipe setting"),
+], ids=["missing-recipe", "output-exists", "not-a-recipe-setting"])
+def test_precompute_reference_bad_input_is_one_line(tmp_path, monkeypatch, capsys, args, words):
+    monkeypatch.chdir(REPO_ROOT)
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(["precompute-reference", *(arg.replace("{tmp}", str(tmp_path)) for arg in args)])
+    assert exit_info.value.code == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and words in errors[0], errors
+    assert not (tmp_path / "cache").exists()

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_checkpoint import TINY_DATA, check_resume, run
 
 import lightning_safety.reference as reference_lib
-from lightning_safety.errors import DataError
+from lightning_safety.data import ChatSFTDataModule
+from lightning_safety.errors import DataError, LightningSafetyError
 from lightning_safety.models import LoraSettings
 from lightning_safety.module import SafeFineTuning
-from lightning_safety.reference_cache import ReferenceCacheError
+from lightning_safety.reference_cache import ReferenceCache, ReferenceCacheError
 from lightning_safety.schedules import LinearRiskSchedule
 from lightning_safety.tiny_model import build_tiny_llama
 
@@ -96,3 +98,45 @@ def test_a_cache_of_another_reference_or_data_is_refused(tiny_model_dir, tmp_pat
         cached.compute_loss(longer, update_schedule=False)
     with pytest.raises(DataError, match="id"):
         cached.compute_loss({k: v for k, v in data[0].items() if k != "id"}, update_schedule=False)
+
+
+def test_a_cache_switched_on_and_off_during_training(tiny_model_dir, tmp_path, monkeypatch):
+    data = batches()
+    module = build(tiny_model_dir, reference="model_copy")
+    cache = module.precompute_reference(data, str(tmp_path / "cache"), top_k=VOCAB)
+    exact = losses(module, data)
+    calls = []
+    original = reference_lib.Reference.logits
+    monkeypatch.setattr(reference_lib.Reference, "logits", lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
+    module.use_reference_cache(cache)
+    for got, want in zip(losses(module, data), exact):
+        torch.testing.assert_close(got.loss, want.loss, rtol=1e-5, atol=1e-6)
+    assert not calls
+    module.use_reference_cache(None)
+    losses(module, data)
+    assert len(calls) == len(data)
+    other = SafeFineTuning(build_tiny_llama(seed=1), reference="model_copy")
+    other.configure_model()
+    with pytest.raises(ReferenceCacheError, match="was built for reference"):
+        other.use_reference_cache(cache)
+
+
+def tiny_chat_cache(model_dir, path, top_k: int, **module_kwargs) -> ReferenceCache:
+    """A cache of every training row of tests/test_checkpoint.py's runs (the tiny chat data, batch 4)."""
+    data = ChatSFTDataModule(train=str(TINY_DATA), tokenizer=str(model_dir), batch_size=4, max_length=256, seed=0)
+    module = SafeFineTuning(str(model_dir), **module_kwargs)
+    return module.precompute_reference(data.train_dataloader(), str(path), top_k=top_k)
+
+
+def test_a_run_with_a_cache_resumes_exactly_and_refuses_another_cache(tiny_model_dir, tmp_path):
+    cache = tiny_chat_cache(tiny_model_dir, tmp_path / "k32", 32, reference="model_copy")
+    # 8 steps with a checkpoint at step 3 (mid-epoch), resumed from it to step 8: the same weights, bit for bit.
+    checkpoint = check_resume(tiny_model_dir, tmp_path, reference="model_copy", reference_cache=str(cache.path))
+    assert checkpoint["lightning_safety"]["reference_cache_digest"] == cache.digest
+
+    other = tiny_chat_cache(tiny_model_dir, tmp_path / "k16", 16, reference="model_copy")
+    assert other.digest != cache.digest
+    with pytest.raises(LightningSafetyError, match="trained with another reference cache .*resume with the cache it used"):
+        run(tiny_model_dir, tmp_path / "other", max_steps=8, ckpt_path=tmp_path / "full" / "step=3.ckpt",
+            reference="model_copy", reference_cache=str(other.path))
+    assert not any((tmp_path / "other").rglob("*.ckpt"))
