@@ -203,6 +203,11 @@ class RiskAuditLog(L.Callback):
         trainer.fit(SafeFineTuning("smollm2-135m-instruct"), datamodule=data)
         rows = read_audit_log("runs/audit.jsonl")
         risky = [row["id"] for row in rows if row["regularized"]]
+
+    Raises:
+        LightningSafetyError: ``path`` is not a file path, a flag is not a bool or the format is
+            unknown (at construction); a rank cannot open its log (at fit start, on every rank);
+            a resumed run's log is missing or not a valid audit log (when loading its state).
     """
 
     def __init__(

@@ -73,6 +73,9 @@ class SafetyEvaluationCallback(Callback):
             utility=[UtilityTask("sst2_dev.tsv", task="sst2", limit=200)],
         )
         trainer = L.Trainer(callbacks=[evaluation, ModelCheckpoint(monitor="safety/asr", mode="min")])
+
+    Raises:
+        LightningSafetyError: ``every_n_epochs`` or another setting is invalid (at construction).
     """
 
     def __init__(

@@ -59,6 +59,10 @@ class SafetyGate(Callback):
             SafetyGate(budget=0.05, dirpath="runs/safe", stop_on_violation=True, restore_last_safe=True),
         ])
         SafetyGate.read_mark("runs/safe/safe-step=100.ckpt")  # {"safe": True, "asr": 0.02, ...}
+
+    Raises:
+        LightningSafetyError: ``budget`` or another setting is invalid (at construction); the last safe
+            checkpoint holds weights the module lacks (when restoring it).
     """
 
     def __init__(

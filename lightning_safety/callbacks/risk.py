@@ -61,6 +61,11 @@ class RiskCallback(L.Callback):
     Example::
 
         trainer = L.Trainer(callbacks=[ActivationRiskCallback("probe/", cache_path="runs/risk.json")])
+
+    Raises:
+        DataError: ``estimator`` is not a RiskEstimator (at construction); a batch lacks the ``id``
+            field its rows' cached scores are found by (during training).
+        RiskError: the estimator returned scores that are not finite numbers in [0, 1] (fail closed).
     """
 
     def __init__(

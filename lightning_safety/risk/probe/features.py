@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_safety.data.formatting import render_ids, require_chat_template, resolve_pad_token_id
+from lightning_safety.data.padding import pad_batch
 from lightning_safety.distributed import is_sharded
 from lightning_safety.errors import ProbeError
 from lightning_safety.models import eval_mode, is_peft_model, supports_logits_to_keep
@@ -239,13 +240,9 @@ def _prompt_batches(
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
     for start in range(0, len(order), batch_size):
         rows = order[start : start + batch_size]
-        width = max(len(encoded[i]) for i in rows)
-        ids = torch.full((len(rows), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for r, i in enumerate(rows):
-            ids[r, : len(encoded[i])] = torch.tensor(encoded[i])
-            mask[r, : len(encoded[i])] = 1
-        yield rows, ids, mask, mask.sum(1)
+        padded = pad_batch([encoded[i] for i in rows], pad)
+        mask = padded["attention_mask"]
+        yield rows, padded["input_ids"], mask, mask.sum(1)
 
 
 def _progress(iterable: Iterator, total: int, enabled: bool, desc: str) -> Iterator:
