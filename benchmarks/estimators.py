@@ -10,7 +10,13 @@ written for this project) in several training mixes, all built by
   demo and the attack zoo trained their estimators on until now;
 * ``pairs``: base + the topic-matched pairs (their harmful side as harmful, their benign side as
   hard negatives);
-* ``after``: base + pairs + borderline: ``default_estimator_data()``'s default.
+* ``after``: base + pairs + borderline: ``default_estimator_data()``'s default arguments (the demo,
+  ``probe fit`` and ``judge fit`` pass ``pairs=0``, i.e. ``before``);
+* ``before_framed`` / ``pairs_framed`` / ``after_framed``: that mix + a wrapped copy of every prompt
+  on both sides (``framed=None``): the package's own disguise wrappers (``wrappers.jsonl``: screenplay,
+  forum post for a friend, exam question, ...), dealt alike to harmful and benign prompts;
+  ``after_framed120``: ``after`` + wrapped copies of 120 prompts per side (a subset of
+  ``after_framed``'s copies: a prompt's wrapper does not depend on how many are wrapped).
 
 Estimators: an activation probe on SmolLM2-135M-Instruct (``lightning_safety.risk.probe``; the
 library's default features: the middle decoder layer, mean pooling, logistic) and the
@@ -28,6 +34,11 @@ Splits, none of them seen in training:
 * by source (the public sets in ``../shared/data``, never used for training or selection):
   ``advbench_alpaca`` (AdvBench goals vs Alpaca instructions of AdvBench's length range),
   ``xstest`` (XSTest unsafe vs safe), ``advbench_xstest_safe`` (AdvBench goals vs XSTest safe);
+* disguised, by frame and source: ``zoo_frames``: AdvBench goals in each of the attack zoo's 7
+  ``DISGUISE_FRAMES`` (``experiments/frames.py``, via ``apply_frame``) vs Alpaca instructions in the
+  same 7 frames (``--frame-limit`` requests per set, each in every frame): AUROC, recall and FPR
+  overall and per frame. Neither the frames nor the sources are in any training mix: this is the
+  zoo's disguised attack measured from outside;
 * in distribution, for reference: a seeded 20% of the harmful requests, benign instructions,
   borderline prompts and pairs held out (``id``: harmful vs benign requests; ``id_pairs``: pairs of
   categories seen in training).
@@ -40,7 +51,7 @@ Reproduce
 ---------
 ::
 
-    python benchmarks/estimators.py                 # ~10-15 minutes on 1 CPU thread
+    python benchmarks/estimators.py                 # ~7-10 minutes on 1 CPU thread
     python benchmarks/estimators.py --quick --model tiny-random-llama   # plumbing only (a slow test runs it)
 
 Outputs (``--out-dir``, default ``benchmarks/results``; ``--quick``: the library's cache folder):
@@ -76,7 +87,10 @@ from lightning_safety.demo_data import (  # noqa: E402
     load_demo_prompts,
     load_demo_rows,
     load_topic_pairs,
+    load_wrappers,
+    wrap,
 )
+from lightning_safety.experiments.frames import DISGUISE_FRAMES, apply_frame  # noqa: E402
 from lightning_safety.paths import cache_root  # noqa: E402
 from lightning_safety.risk.metrics_core import auroc  # noqa: E402
 
@@ -86,12 +100,18 @@ MIXES: dict[str, dict[str, Any]] = {  # keyword arguments of default_estimator_d
     "before": {"pairs": 0},
     "pairs": {"borderline": []},
     "after": {},
+    "before_framed": {"pairs": 0, "framed": None},
+    "pairs_framed": {"borderline": [], "framed": None},
+    "after_framed": {"framed": None},
+    "after_framed120": {"framed": 120},
 }
 SOURCE_SPLITS = {  # name -> (harmful set, benign set) of the public data
     "advbench_alpaca": ("advbench", "alpaca"),
     "xstest": ("xs_unsafe", "xs_safe"),
     "advbench_xstest_safe": ("advbench", "xs_safe"),
+    "zoo_frames": ("advbench_framed", "alpaca_framed"),
 }
+DIFFERENCES = (("after", "before"), ("after", "pairs"), ("after_framed", "after"), ("after_framed", "before"))
 SPLIT_TITLES = {
     "id": "ID: harmful vs benign",
     "id_pairs": "ID: pairs, seen categories",
@@ -100,6 +120,7 @@ SPLIT_TITLES = {
     "advbench_alpaca": "AdvBench vs Alpaca",
     "xstest": "XSTest unsafe vs safe",
     "advbench_xstest_safe": "AdvBench vs XSTest safe",
+    "zoo_frames": "zoo frames: AdvBench vs Alpaca, framed",
 }
 
 Spec = tuple[str, tuple[int, ...]]  # (library pooling, decoder layers)
@@ -109,9 +130,11 @@ Spec = tuple[str, tuple[int, ...]]  # (library pooling, decoder layers)
 # Data
 
 
-def public_sets(data_dir: Path, limit: int, seed: int) -> dict[str, list[str]]:
+def public_sets(data_dir: Path, limit: int, seed: int, frame_limit: int) -> dict[str, list[str]]:
     """AdvBench goals and Alpaca instructions (``limit`` each, seeded; Alpaca within AdvBench's
-    length range, so length is no cue) and XSTest's unsafe and safe prompts (``limit`` each at most)."""
+    length range, so length is no cue), XSTest's unsafe and safe prompts (``limit`` each at most), and
+    a seeded ``frame_limit`` of those AdvBench goals and Alpaca instructions, each in every zoo frame
+    (``*_framed``: frame by frame, in :data:`DISGUISE_FRAMES` order, ``frame_limit`` prompts each)."""
     data = read_data(data_dir)
     rng = random.Random(seed)
     advbench = list(dict.fromkeys(data["advbench"]))
@@ -119,9 +142,13 @@ def public_sets(data_dir: Path, limit: int, seed: int) -> dict[str, list[str]]:
     alpaca = [t for t in dict.fromkeys(data["alpaca"]) if lo <= len(t) <= hi and t not in seen]
     xs_unsafe = [row[1] for row in data["xstest"] if row[2] == "unsafe"]
     xs_safe = [row[1] for row in data["xstest"] if row[2] == "safe"]
-    pick = lambda items: sorted(rng.sample(range(len(items)), min(limit, len(items))))  # noqa: E731
-    return {"advbench": [advbench[i] for i in pick(advbench)], "alpaca": [alpaca[i] for i in pick(alpaca)],
+    pick = lambda items, n=limit: sorted(rng.sample(range(len(items)), min(n, len(items))))  # noqa: E731
+    sets = {"advbench": [advbench[i] for i in pick(advbench)], "alpaca": [alpaca[i] for i in pick(alpaca)],
             "xs_unsafe": [xs_unsafe[i] for i in pick(xs_unsafe)], "xs_safe": [xs_safe[i] for i in pick(xs_safe)]}
+    for name in ("advbench", "alpaca"):
+        base = [sets[name][i] for i in pick(sets[name], frame_limit)]
+        sets[f"{name}_framed"] = [apply_frame(frame, p) for frame in DISGUISE_FRAMES for p in base]
+    return sets
 
 
 def id_holdout(seed: int) -> dict[str, list[str]]:
@@ -219,6 +246,17 @@ def rates(scores: Scores, labels: torch.Tensor) -> dict[str, Any]:
             "n_benign": int((~positive).sum())}
 
 
+def frame_rates(scores: Scores, labels: torch.Tensor) -> dict[str, dict[str, Any]]:
+    """:func:`rates` per zoo frame, for the scores of ``*_framed`` harmful then benign (frame-major blocks)."""
+    harmful, benign = int(labels.sum()), int((1 - labels).sum())
+    n, m = harmful // len(DISGUISE_FRAMES), benign // len(DISGUISE_FRAMES)
+    out = {}
+    for i, frame in enumerate(DISGUISE_FRAMES):
+        pick = torch.cat([torch.arange(i * n, (i + 1) * n), harmful + torch.arange(i * m, (i + 1) * m)])
+        out[frame] = rates(Scores(scores.logits[pick], scores.probs[pick]), labels[pick])
+    return out
+
+
 class Bench:
     """Trains one estimator (features + trainer) on a mix and measures it on every split."""
 
@@ -228,6 +266,8 @@ class Bench:
         self.pairs = load_topic_pairs()
         self.harmful_rows = load_demo_rows("harmful")
         self.id_test = {p for side in held.values() for p in side}
+        # The framed mixes' wrapped copies of the held-out prompts are held out with them.
+        self.id_test |= {wrap(t, p) for t in load_wrappers().values() for p in self.id_test}
 
     def _fit(self, matrix: torch.Tensor, trainer: Trainer, harmful: list[str], benign: list[str]) -> Callable[[torch.Tensor], Scores]:
         return trainer(matrix[self.features.rows(harmful)], matrix[self.features.rows(benign)])
@@ -279,6 +319,8 @@ class Bench:
             scores, labels = self._score(matrix, model, self.public[h], self.public[b])
             result[name] = rates(scores, labels)
             kept[name] = (scores.logits, labels)
+            if name == "zoo_frames":
+                result[name]["by_frame"] = frame_rates(scores, labels)
         if keep:
             result["_scores"] = kept
         return result
@@ -341,12 +383,36 @@ def auroc_table(rows: list[dict[str, Any]]) -> list[str]:
 
 def rate_table(rows: list[dict[str, Any]]) -> list[str]:
     lines = ["| estimator | mix | held-out category: recall pairs / requests | held-out category: FPR pairs | "
-             "AdvBench recall | Alpaca FPR | XSTest unsafe recall | XSTest safe FPR |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+             "AdvBench recall | Alpaca FPR | XSTest unsafe recall | XSTest safe FPR | zoo frames: AdvBench recall | "
+             "zoo frames: Alpaca FPR |", "|---|---|" + "---:|" * 8]
     for row in rows:
         r = row["result"]
         lines.append(f"| {row['label']} | `{row['mix']}` | {pct(r['loco']['recall'])}% / {pct(r['loco']['recall_requests'])}% | "
                      f"{pct(r['loco']['fpr'])}% | {pct(r['advbench_alpaca']['recall'])}% | {pct(r['advbench_alpaca']['fpr'])}% | "
-                     f"{pct(r['xstest']['recall'])}% | {pct(r['xstest']['fpr'])}% |")
+                     f"{pct(r['xstest']['recall'])}% | {pct(r['xstest']['fpr'])}% | {pct(r['zoo_frames']['recall'])}% | "
+                     f"{pct(r['zoo_frames']['fpr'])}% |")
+    return lines
+
+
+def frame_tables(rows: list[dict[str, Any]]) -> list[str]:
+    """The zoo-frame split: overall with the worst frame, then AUROC / recall / FPR frame by frame."""
+    lines = ["| estimator | mix | AUROC | recall | FPR | worst frame AUROC | lowest frame recall | highest frame FPR |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for row in rows:
+        z = row["result"]["zoo_frames"]
+        by = z["by_frame"]
+        worst = {key: pick(by, key=lambda f: by[f][key]) for key, pick in (("auroc", min), ("recall", min), ("fpr", max))}
+        ci = z.get("ci95")
+        lines.append(f"| {row['label']} | `{row['mix']}` | {z['auroc']:.3f}" + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "")
+                     + f" | {pct(z['recall'])}% | {pct(z['fpr'])}% | {by[worst['auroc']]['auroc']:.3f} ({worst['auroc']}) | "
+                     f"{pct(by[worst['recall']]['recall'])}% ({worst['recall']}) | {pct(by[worst['fpr']]['fpr'])}% ({worst['fpr']}) |")
+    frames = list(DISGUISE_FRAMES)
+    lines += ["", "AUROC / recall / FPR per frame:\n", "| estimator | mix | " + " | ".join(frames) + " |",
+              "|---|---|" + "---:|" * len(frames)]
+    for row in rows:
+        by = row["result"]["zoo_frames"]["by_frame"]
+        lines.append(f"| {row['label']} | `{row['mix']}` | " + " | ".join(
+            f"{by[f]['auroc']:.3f} / {pct(by[f]['recall'])}% / {pct(by[f]['fpr'])}%" for f in frames) + " |")
     return lines
 
 
@@ -359,23 +425,36 @@ def write_outputs(out_dir: Path, result: dict[str, Any]) -> None:
         "# Risk estimators on topics and sources they never saw\n",
         f"Command: `{result['command']}` ({result['minutes']:.1f} min).\n",
         f"Environment: {result['environment']}.\n",
-        "Training data: the package's prompt sets only (`lightning_safety.demo_data`), in four mixes built by "
+        "Training data: the package's prompt sets only (`lightning_safety.demo_data`), in eight mixes built by "
         "`default_estimator_data`: `base` = harmful requests vs benign instructions; `before` = + borderline prompts "
-        "as hard negatives (what the demo and the zoo used); `pairs` = base + the topic-matched pairs (harmful side as "
-        "harmful, benign side as hard negatives); `after` = base + pairs + borderline (the new default). Sizes (harmful / "
-        "benign): " + ", ".join(f"`{m}` {n['harmful']} / {n['benign']}" for m, n in result["mix_sizes"].items()) + ".\n",
+        "as hard negatives (what the demo, the CLI and the zoo use: `pairs=0`); `pairs` = base + the topic-matched pairs "
+        "(harmful side as harmful, benign side as hard negatives); `after` = base + pairs + borderline (the function's "
+        "default arguments); `before_framed` / `pairs_framed` / `after_framed` = that mix + a wrapped copy of every "
+        "prompt on both sides (`framed=None`) in the package's own disguise wrappers (`wrappers.jsonl`: "
+        + ", ".join(result["wrappers"]) + "; none of them a zoo frame); `after_framed120` = `after` + wrapped copies "
+        "of 120 prompts per side (`framed=120`). Sizes (harmful / benign): "
+        + ", ".join(f"`{m}` {n['harmful']} / {n['benign']}" for m, n in result["mix_sizes"].items()) + ".\n",
         f"Splits never seen in training: held-out category = leave one of the 12 harm categories out (its requests "
         f"and pairs), test on its 20 pairs, mean and worst over the 12; public sets from `../shared/data` (never used "
         f"for training or selection): {result['public_sizes']}; ID = a seeded 20% of every package set held out "
-        f"(`ID: pairs` = held-out pairs of categories seen in training). AUROC of logits; recall / FPR at probability "
+        f"(`ID: pairs` = held-out pairs of categories seen in training); zoo frames = the AdvBench and Alpaca prompts "
+        f"of `*_framed`, each in every one of the attack zoo's {len(result['zoo_frames'])} `DISGUISE_FRAMES` "
+        f"({', '.join(result['zoo_frames'])}), frames and sources never trained on. AUROC of logits; recall / FPR at probability "
         f">= {THRESHOLD} (the threshold the demo's and the zoo's estimators use); 95% bootstrap intervals on the "
         "public sets.\n",
         f"Probe features: library default = {result['default_features']}; chosen = {result['chosen_features']} "
         "(best mean held-out-category AUROC on the `after` mix among the candidates below, package data only).\n",
         "## AUROC by split\n", *auroc_table(rows), "",
         f"## Recall and FPR at probability >= {THRESHOLD}\n", *rate_table(rows), "",
+        "## Disguised requests: the attack zoo's frames (never trained on)\n",
+        f"AdvBench goals vs Alpaca instructions ({len(result['zoo_frames'])} frames x "
+        f"{result['frame_limit']} prompts per side), each put in the zoo's `DISGUISE_FRAMES` by `apply_frame`: the "
+        "`disguised` attack's wrappers, on a source no mix contains. AUROC of logits [95% bootstrap]; recall (AdvBench) "
+        f"and FPR (Alpaca) at probability >= {THRESHOLD}; worst frame by each measure.\n",
+        *frame_tables(rows), "",
         "## Mix differences (AUROC; paired bootstrap, 95%, on the public sets)\n",
-        "| comparison | " + " | ".join(SPLIT_TITLES[s] for s in ("loco", *SOURCE_SPLITS)) + " |", "|---|" + "---:|" * 4,
+        "| comparison | " + " | ".join(SPLIT_TITLES[s] for s in ("loco", *SOURCE_SPLITS)) + " |",
+        "|---|" + "---:|" * (1 + len(SOURCE_SPLITS)),
     ]
     for label, diff in result["differences"].items():
         cells = [f"{diff['loco']['difference']:+.3f} (better in {diff['loco']['improved']}/{diff['loco']['n']} categories)"]
@@ -451,6 +530,8 @@ def main() -> None:
     parser.add_argument("--out-dir", type=Path, default=None)
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--limit", type=int, default=300, help="AdvBench / Alpaca / XSTest prompts per set at most")
+    parser.add_argument("--frame-limit", type=int, default=100,
+                        help="AdvBench / Alpaca prompts put in each of the zoo's 7 frames (at most --limit)")
     parser.add_argument("--quick", action="store_true", help="20 public prompts per set, fewer candidates: a smoke test")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=16)
@@ -474,7 +555,7 @@ def main() -> None:
     from lightning_safety.risk.probe import featurize_pooled
     from lightning_safety.risk.text import sanitize_for_judge
 
-    public = public_sets(data_dir, limit, args.seed)
+    public = public_sets(data_dir, limit, args.seed, min(args.frame_limit, limit))
     held = id_holdout(args.seed)
     mix_sizes = {}
     texts: list[str] = []
@@ -482,6 +563,8 @@ def main() -> None:
         harmful, benign = default_estimator_data(**kwargs)
         mix_sizes[mix] = {"harmful": len(harmful), "benign": len(benign)}
         texts += harmful + benign
+        for category in harm_categories():  # a held-out fold of a framed mix wraps a few other prompts
+            texts += [p for side in default_estimator_data(exclude_categories=[category], **kwargs) for p in side]
     texts = list(dict.fromkeys(texts + [p for side in public.values() for p in side]))
     features = Features(texts)
     log(f"{len(texts)} distinct prompts; public sets: " + ", ".join(f"{k} {len(v)}" for k, v in public.items()))
@@ -555,7 +638,8 @@ def main() -> None:
     estimators = {
         f"probe, default ({spec_name(default_spec)})": (features.probe(default_spec), probe_trainer(seed=args.seed), list(MIXES)),
         f"probe, chosen ({chosen['features']}, wd {chosen['weight_decay']:g})":
-            (features.probe(chosen_spec), probe_trainer(weight_decay=chosen["weight_decay"], seed=args.seed), ["before", "after"]),
+            (features.probe(chosen_spec), probe_trainer(weight_decay=chosen["weight_decay"], seed=args.seed),
+             ["before", "after", "after_framed"]),
         "EmbeddingJudge (all-MiniLM-L6-v2)": (features.embeddings, judge_trainer(judge, args.seed), list(MIXES)),
     }
     headline, scores, differences = [], {}, {}
@@ -568,10 +652,11 @@ def main() -> None:
             scores[(label, mix)] = kept
             headline.append({"label": label, "mix": mix, "result": r})
             log(f"{label} / {mix}: held-out category {r['loco']['auroc']:.3f} (worst {r['loco']['worst']:.3f}), "
-                f"XSTest {r['xstest']['auroc']:.3f}, AdvBench/Alpaca {r['advbench_alpaca']['auroc']:.3f}")
+                f"XSTest {r['xstest']['auroc']:.3f}, AdvBench/Alpaca {r['advbench_alpaca']['auroc']:.3f}, zoo frames "
+                f"{r['zoo_frames']['auroc']:.3f} (recall {pct(r['zoo_frames']['recall'])}%, FPR {pct(r['zoo_frames']['fpr'])}%)")
         by = {row["mix"]: row["result"] for row in headline if row["label"] == label}
-        for a, b in (("after", "before"), ("after", "pairs")):
-            if b in mixes:
+        for a, b in DIFFERENCES:
+            if a in mixes and b in mixes:
                 differences[f"{label}: `{a}` - `{b}`"] = compare(by[a], by[b], scores[(label, a)], scores[(label, b)],
                                                                    n_boot, args.seed)
 
@@ -579,7 +664,8 @@ def main() -> None:
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     command = "python benchmarks/estimators.py" + " ".join(
         [""] + (["--quick"] if args.quick else []) + ([f"--model {args.model}"] if args.model != "smollm2-135m-instruct" else [])
-        + ([f"--limit {args.limit}"] if args.limit != 300 and not args.quick else []))
+        + ([f"--limit {args.limit}"] if args.limit != 300 and not args.quick else [])
+        + ([f"--frame-limit {args.frame_limit}"] if args.frame_limit != 100 else []))
     result = {
         "command": command, "minutes": minutes, "quick": args.quick,
         "environment": (f"model `{args.model}` ({num_layers} layers, float32), torch {torch.__version__}, transformers "
@@ -588,6 +674,7 @@ def main() -> None:
                         f"{featurize_seconds:.0f} s (probe) and {embed_seconds:.0f} s (judge)"),
         "threshold": THRESHOLD, "seed": args.seed, "mixes": MIXES, "mix_sizes": mix_sizes,
         "public_sizes": ", ".join(f"{k} {len(v)}" for k, v in public.items()),
+        "zoo_frames": list(DISGUISE_FRAMES), "frame_limit": min(args.frame_limit, limit), "wrappers": list(load_wrappers()),
         "id_holdout_sizes": {k: len(v) for k, v in held.items()},
         "default_features": spec_name(default_spec) + ", logistic, weight decay 0.01",
         "chosen_features": f"{chosen['features']}, logistic, weight decay {chosen['weight_decay']:g}",

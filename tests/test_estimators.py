@@ -99,22 +99,28 @@ def test_estimators_benchmark_quick_on_the_tiny_model(tmp_path, shared_data):
     assert result["check_values"]["probe_vs_fit_probe"] < 1e-4 and result["check_values"]["judge_vs_fit"] < 1e-4
     assert result["mix_sizes"]["after"] == {"harmful": 360, "benign": 456}
     assert result["mix_sizes"]["base"] == {"harmful": 120, "benign": 120}
+    assert result["mix_sizes"]["after_framed"] == {"harmful": 720, "benign": 912}
+    mixes = ("base", "before", "pairs", "after", "before_framed", "pairs_framed", "after_framed", "after_framed120")
     rows = {(row["label"].split(" (")[0], row["mix"]) for row in result["headline"]}
-    assert rows == {("probe, default", m) for m in ("base", "before", "pairs", "after")} | {
-        ("probe, chosen", "before"), ("probe, chosen", "after")} | {
-        ("EmbeddingJudge", m) for m in ("base", "before", "pairs", "after")}
+    assert rows == {("probe, default", m) for m in mixes} | {
+        ("probe, chosen", m) for m in ("before", "after", "after_framed")} | {("EmbeddingJudge", m) for m in mixes}
     for row in result["headline"]:
         r = row["result"]
         assert set(r["loco"]["by_category"]) == set(harm_categories())
         assert all(e["n_harmful"] == e["n_benign"] == 20 for e in r["loco"]["by_category"].values())
         assert r["loco"]["worst"] <= r["loco"]["auroc"] and r["loco"]["worst_category"] in harm_categories()
-        for split in ("id", "id_pairs", "advbench_alpaca", "xstest", "advbench_xstest_safe"):
+        for split in ("id", "id_pairs", "advbench_alpaca", "xstest", "advbench_xstest_safe", "zoo_frames"):
             assert 0.0 <= r[split]["auroc"] <= 1.0 and 0.0 <= r[split]["recall"] <= 1.0 and 0.0 <= r[split]["fpr"] <= 1.0
         assert r["advbench_alpaca"]["n_harmful"] == r["advbench_alpaca"]["n_benign"] == 20
+        by_frame = r["zoo_frames"]["by_frame"]  # the zoo's 7 frames, 20 framed AdvBench vs 20 framed Alpaca each
+        assert list(by_frame) == result["zoo_frames"] and len(by_frame) == 7
+        assert all(e["n_harmful"] == e["n_benign"] == 20 for e in by_frame.values())
         lo, hi = r["xstest"]["ci95"]
         assert lo <= hi
     assert any(c["features"] + ", logistic" in result["chosen_features"] for c in result["candidates"])
     assert [c["weight_decay"] for c in result["judge_candidates"]] == [0.01, 0.1, 1.0, 10.0]
-    assert len(result["differences"]) == 5  # after - before for three estimators, after - pairs for two
+    # after - before, after_framed - after, after_framed - before for three estimators, after - pairs for two
+    assert len(result["differences"]) == 11
     text = (out / "estimators.md").read_text()
     assert "## AUROC by split" in text and "| EmbeddingJudge (all-MiniLM-L6-v2) | `after` |" in text
+    assert "## Disguised requests: the attack zoo's frames (never trained on)" in text

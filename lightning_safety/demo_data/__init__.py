@@ -13,10 +13,20 @@ about the same subject in similar words: hard negatives for risk estimators
 judge) built from these sets: the harmful requests plus the pairs' harmful sides against the benign
 instructions plus the pairs' benign sides and the borderline prompts (hard negatives). It separates
 same-topic requests better than harmful vs benign alone (``benchmarks/estimators.py``).
+
+``wrappers`` (13 disguise templates, :func:`load_wrappers`) were written for this project and hold no
+harmful content: each is a wrapper with a ``{request}`` slot (a screenplay scene, a forum post for a
+friend, a debate brief, an exam question, a game master's NPC, a grandmother's bedtime answer, ...).
+``default_estimator_data(framed=n)`` wraps ``n`` harmful and ``n`` benign prompts of the mix in them,
+so an estimator learns to see a harmful request through a disguise without learning "a wrapper
+means harmful". Their wording differs from the attack zoo's ``DISGUISE_FRAMES``
+(``lightning_safety.experiments.frames``; no three words in a row in common), which stay an attack
+the estimator never trains on.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -27,15 +37,18 @@ from lightning_safety.errors import DataError
 DEMO_DATA = Path(__file__).resolve().parent
 DEMO_SETS = ("harmful", "benign", "borderline", "sentiment")
 PAIR_SET = "topic_pairs"
+WRAPPER_SET = "wrappers"
+_SPECIAL_SETS = {PAIR_SET: "pairs, not prompts: use load_topic_pairs()",
+                 WRAPPER_SET: "templates, not prompts: use load_wrappers()"}
 
-__all__ = ["DEMO_DATA", "DEMO_SETS", "PAIR_SET", "default_estimator_data", "demo_data_path", "harm_categories",
-           "load_demo_prompts", "load_demo_rows", "load_topic_pairs"]
+__all__ = ["DEMO_DATA", "DEMO_SETS", "PAIR_SET", "WRAPPER_SET", "default_estimator_data", "demo_data_path",
+           "harm_categories", "load_demo_prompts", "load_demo_rows", "load_topic_pairs", "load_wrappers", "wrap"]
 
 
 def demo_data_path(name: str) -> Path:
-    """The JSONL file of the built-in set ``name`` (one of :data:`DEMO_SETS`, or :data:`PAIR_SET`)."""
-    if name not in (*DEMO_SETS, PAIR_SET):
-        raise DataError(f"unknown built-in prompt set {name!r}: use one of {', '.join((*DEMO_SETS, PAIR_SET))}")
+    """The JSONL file of the built-in set ``name`` (one of :data:`DEMO_SETS`, :data:`PAIR_SET` or :data:`WRAPPER_SET`)."""
+    if name not in (*DEMO_SETS, *_SPECIAL_SETS):
+        raise DataError(f"unknown built-in prompt set {name!r}: use one of {', '.join((*DEMO_SETS, *_SPECIAL_SETS))}")
     return DEMO_DATA / f"{name}.jsonl"
 
 
@@ -47,8 +60,8 @@ def load_demo_rows(name: str) -> list[dict[str, Any]]:
 
 def load_demo_prompts(name: str) -> list[str]:
     """The prompts (``sentence`` for ``sentiment``) of a built-in set, in file order."""
-    if name == PAIR_SET:
-        raise DataError(f"{PAIR_SET} holds pairs, not prompts: use load_topic_pairs()")
+    if name in _SPECIAL_SETS:
+        raise DataError(f"{name} holds {_SPECIAL_SETS[name]}")
     field = "sentence" if name == "sentiment" else "prompt"
     return [row[field] for row in load_demo_rows(name)]
 
@@ -64,6 +77,16 @@ def load_topic_pairs(categories: Sequence[str] | None = None) -> list[dict[str, 
         _check_categories(categories)
         rows = [row for row in rows if row["category"] in set(categories)]
     return rows
+
+
+def load_wrappers() -> dict[str, str]:
+    """The disguise templates of ``wrappers.jsonl``, name -> template with one ``{request}`` slot, in file order."""
+    return {row["name"]: row["template"] for row in load_demo_rows(WRAPPER_SET)}
+
+
+def wrap(template: str, request: str) -> str:
+    """``request`` (stripped) put in the ``{request}`` slot of ``template`` (other braces are left as they are)."""
+    return template.replace("{request}", request.strip())
 
 
 def harm_categories() -> list[str]:
@@ -84,6 +107,8 @@ def default_estimator_data(
     *,
     pairs: int | None = None,
     exclude_categories: Sequence[str] = (),
+    framed: int | None = 0,
+    seed: int = 0,
 ) -> tuple[list[str], list[str]]:
     """(harmful, benign) prompts to train a risk estimator (probe or judge) on, hard negatives included.
 
@@ -103,18 +128,29 @@ def default_estimator_data(
             through the categories, so a prefix covers all of them); None: all, 0: none.
         exclude_categories: harm categories to hold out entirely: their pairs (both sides) and,
             when ``harmful`` is the package's set, their harmful requests.
+        framed: add wrapped copies of ``framed`` prompts to each side: ``framed`` of the harmful
+            prompts above and ``framed`` of the benign ones (benign instructions, pairs' benign
+            sides, borderline), each put in one of the :func:`load_wrappers` templates. Both sides
+            draw from the same templates, each about equally often, so a wrapper tells nothing about
+            the label: the estimator has to see the request inside it. Which prompts and which
+            template follow a seeded hash of each prompt, so a prompt gets the same wrapper whatever
+            else is in the mix (holding a category out changes no other prompt's wrapper, and drops
+            its prompts' copies for the next ones in line). 0 (default): none; None or more than
+            a side holds: every prompt of that side.
+        seed: the seed of that hash (nothing else depends on it).
 
     Returns:
         Two disjoint lists without repeats, in the order harmful/benign set, then pair sides
-        (then borderline).
+        (then borderline), then the wrapped copies.
 
     Raises:
-        DataError: an unknown category, a negative ``pairs``, an empty side, or a prompt given
-            as both harmful and benign.
+        DataError: an unknown category, a negative ``pairs`` or ``framed``, an empty side, or a
+            prompt given as both harmful and benign.
     """
     _check_categories(exclude_categories)
-    if pairs is not None and pairs < 0:
-        raise DataError(f"pairs={pairs} is invalid: give a number of topic pairs >= 0, or None for all")
+    for name, value in (("pairs", pairs), ("framed", framed)):
+        if value is not None and value < 0:
+            raise DataError(f"{name}={value} is invalid: give a number >= 0, or None for all")
     held = set(exclude_categories)
     if harmful is None:
         harmful = [row["prompt"] for row in load_demo_rows("harmful") if row["category"] not in held]
@@ -133,7 +169,27 @@ def default_estimator_data(
     if not harmful_out or not benign_out:
         raise DataError(f"the estimator mix has {len(harmful_out)} harmful and {len(benign_out)} benign prompts: "
                         "give prompts on both sides")
+    if framed != 0:
+        return _add_wrapped(harmful_out, benign_out, framed, seed)
     return harmful_out, benign_out
+
+
+def _add_wrapped(harmful: list[str], benign: list[str], framed: int | None, seed: int) -> tuple[list[str], list[str]]:
+    """Both sides with wrapped copies of ``framed`` of their own prompts added (see default_estimator_data)."""
+    templates = list(load_wrappers().values())
+
+    def side(prompts: list[str]) -> list[str]:
+        keys = {p: _key(seed, p) for p in prompts}
+        chosen = set(sorted(prompts, key=keys.__getitem__)[: len(prompts) if framed is None else framed])
+        return _distinct([*prompts, *(wrap(templates[keys[p][1] % len(templates)], p) for p in prompts if p in chosen)])
+
+    return side(harmful), side(benign)
+
+
+def _key(seed: int, prompt: str) -> tuple[int, int]:
+    """Two seeded numbers of a prompt (case-insensitive), the same in every process: its rank key and its template."""
+    digest = hashlib.blake2b(f"{seed}\0{prompt.lower()}".encode(), digest_size=16).digest()
+    return int.from_bytes(digest[:8], "big"), int.from_bytes(digest[8:], "big")
 
 
 def _distinct(prompts: Sequence[str]) -> list[str]:
