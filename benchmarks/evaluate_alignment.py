@@ -327,7 +327,7 @@ def main() -> None:
                   "eval_harmful": len(harmful_test), "xstest_safe": args.xstest_safe, "sst2": args.sst2},
         "seconds": seconds,
         "alignment": {
-            "folder": str(folder), "folder_name": folder.name, "reused": reused,
+            "folder": str(folder).replace(str(Path.home()), "~", 1), "folder_name": folder.name, "reused": reused,
             "seconds": float(align_info["seconds"]), "benign_rows": align_info["sizes"]["benign_rows"],
             "epochs": args.epochs, "lr": args.lr, "lora_r": args.lora_r, "max_length": args.max_length,
             "batch_size": args.batch_size, "refusal_texts": list(DEFAULT_REFUSALS),

@@ -331,7 +331,7 @@ def plot(path: Path, results: dict[str, Any]) -> None:
     methods = ["aligned"] + [m for m in METHODS if any(m in row for row in summary.values())]
     colours = {"aligned": "black", "sft": "tab:red", "constant_kl": "tab:orange", "adaptive_probe": "tab:blue",
                "adaptive_judge": "tab:green", "adaptive_judge_pair": "tab:purple", "adaptive_probe_drift": "tab:cyan",
-               "sft_token": "tab:pink"}
+               "sft_token": "tab:pink", "adaptive_probe_cached": "tab:olive"}
     fig, ax = plt.subplots(figsize=(12, 4.8))
     width = 0.8 / len(methods)
     for i, name in enumerate(methods):
@@ -384,9 +384,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--normalization", choices=["token", "example"], default="example")
     parser.add_argument("--beta", type=float, default=0.5, help="constant KL's beta (the replication's pick)")
     parser.add_argument("--canaries", type=int, default=32, help="the defender's harmful canary requests (drift)")
-    parser.add_argument("--estimator-mix", choices=["plain", "pairs"], default="plain",
+    parser.add_argument("--estimator-mix", choices=["plain", "pairs", "framed", "pairs_framed"], default="plain",
                         help="the estimators' training data: 'plain' (harmful vs benign + borderline, the committed "
-                             "results) or 'pairs' (+ all 240 topic-matched pairs: default_estimator_data(pairs=None))")
+                             "results), 'pairs' (+ all 240 topic-matched pairs: default_estimator_data(pairs=None)), "
+                             "'framed' (plain + a copy of every prompt, both sides, in the package's own disguise "
+                             "wrappers: default_estimator_data(pairs=0, framed=None)) or 'pairs_framed' (both)"),
     parser.add_argument("--drift-every", type=int, default=2, help="optimizer steps between drift measurements")
     parser.add_argument("--drift-margin", type=float, default=DEFAULT_DRIFT_MARGIN,
                         help="drift budget = this x the largest drift of a clean task fine-tune")
@@ -449,9 +451,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     align_benign = load_demo_prompts("benign")[: args.align_benign]
     borderline = load_demo_prompts("borderline")
     task_benign = [SST2_TEMPLATE.format(text=t) for t in estimator_task]
-    if args.estimator_mix == "pairs":  # the library's default mix: + topic-matched pairs (held-out categories out)
+    if args.estimator_mix != "plain":  # + topic-matched pairs and/or wrapped copies (held-out categories out)
         estimator_harmful, estimator_benign = default_estimator_data(
-            benign=load_demo_prompts("benign") + task_benign, exclude_categories=args.held_out)
+            benign=load_demo_prompts("benign") + task_benign, exclude_categories=args.held_out,
+            pairs=None if "pairs" in args.estimator_mix else 0, framed=None if "framed" in args.estimator_mix else 0)
     else:  # the mix of the committed results: harmful vs benign + borderline
         estimator_harmful = [r["prompt"] for r in builtin_harmful if r["category"] not in args.held_out]
         estimator_benign = load_demo_prompts("benign") + borderline + task_benign

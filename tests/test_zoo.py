@@ -176,13 +176,13 @@ def test_zoo_benchmark_quick_on_the_tiny_model(tmp_path, shared_data):
     done = subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / "zoo.py"), "--quick", "--model", TINY, "--max-length", "512", "--estimator-mix", "pairs",
          "--data", str(shared_data), "--out-dir", str(out), "--methods", "sft", "sft_token",
-         "adaptive_probe", "adaptive_judge_pair", "adaptive_probe_drift"],
+         "adaptive_probe", "adaptive_judge_pair", "adaptive_probe_drift", "adaptive_probe_cached"],
         capture_output=True, text=True, timeout=900,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads((out / "zoo.json").read_text())
     cells = Counter((c["attack"], c["method"]) for c in results["cells"])
-    methods = ("sft", "sft_token", "adaptive_probe", "adaptive_judge_pair", "adaptive_probe_drift")
+    methods = ("sft", "sft_token", "adaptive_probe", "adaptive_judge_pair", "adaptive_probe_drift", "adaptive_probe_cached")
     assert cells == Counter({(a, m): 1 for a in zoo.ATTACKS for m in methods})
     assert set(results["aligned"]["conditions"]) == {"plain", "persona_blunt", "persona_bland", "framed", "trigger"}
     for cell in results["cells"]:
