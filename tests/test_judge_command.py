@@ -122,6 +122,9 @@ def test_probe_and_judge_fit_default_to_the_package_mix(tiny_model_dir, tmp_path
     assert metrics["n_train"] + metrics["n_val"] == len(harmful) + len(benign)
     judged = run_cli(["judge", "fit", "--output", str(tmp_path / "judge"), "--epochs", "5", "--pairs", "24"])
     assert judged["n_train"] + judged["n_val"] == sum(map(len, default_estimator_data(pairs=24)))
+    framed = run_cli(["judge", "fit", "--output", str(tmp_path / "framed"), "--epochs", "5", "--framed", "true"])
+    assert framed["n_train"] + framed["n_val"] == sum(map(len, default_estimator_data(pairs=0, framed=None)))
+    assert framed["n_train"] + framed["n_val"] == 2 * sum(map(len, default_estimator_data(pairs=0)))
     with pytest.raises(SystemExit) as exit_info:
         run_cli(["judge", "fit", "--output", str(tmp_path / "other"), "--harmful.path", str(tmp_path / "h.txt")])
     assert exit_info.value.code == 2 and "give both --harmful.path and --benign.path" in capsys.readouterr().err
