@@ -107,8 +107,10 @@ class SafeFineTuning(L.LightningModule):
         reference_cache: folder of a reference cache (``lightning-safety precompute-reference``):
             the reference's top-k log-probabilities per response token, computed once; steps then
             read them instead of running the reference (the KL is coarse-grained to the k cached
-            tokens and the rest; see :mod:`lightning_safety.reference_cache`). Opened in
-            ``configure_model`` and refused if it was built for another reference.
+            tokens and the rest; see :mod:`lightning_safety.reference_cache`). Opened at fit start
+            (or at the first loss, or when a checkpoint is resumed), not when the model is built, so
+            exporting or evaluating a checkpoint needs no cache; refused if it was built for another
+            reference.
         sharding: FSDP2 settings (:class:`~lightning_safety.distributed.ShardingSettings`: mixed
             precision, resharding, CPU offload) used when the trainer's strategy is
             ``ModelParallelStrategy``: ``configure_model`` then shards the policy and the frozen
@@ -182,6 +184,10 @@ class SafeFineTuning(L.LightningModule):
         self.sharding = sharding
         self.reference_cache = reference_cache
         self._cache: ReferenceCache | None = None
+        # Opened when training or evaluation first needs it, not when the model is built: exporting or
+        # evaluating a checkpoint of a cached run must not require the cache.
+        self._cache_pending = reference_cache is not None
+        self._resumed_cache_digest: str | None = None
         self.hparams["sharding"] = None if sharding is None else asdict(sharding)
         self.risk_source = self._risk_estimator(risk)
         self.weighting = weighting
@@ -255,8 +261,6 @@ class SafeFineTuning(L.LightningModule):
                     shard_model(model, dp_mesh, self.sharding)
         self.policy = policy
         self.reference = reference
-        if self.reference_cache is not None:
-            self.use_reference_cache(self.reference_cache)
         self._keep_logits_supported = supports_logits_to_keep(policy) and (
             reference is None or supports_logits_to_keep(reference)
         )
@@ -387,7 +391,8 @@ class SafeFineTuning(L.LightningModule):
         """
         input_ids, attention_mask = batch["input_ids"], batch.get("attention_mask")
         rows = torch.nonzero(beta > 0).squeeze(1)
-        if self._cache is None and self._sharded and any_rank(rows.numel() > 0, input_ids.device) and rows.numel() == 0:
+        cache = self._active_cache()
+        if cache is None and self._sharded and any_rank(rows.numel() > 0, input_ids.device) and rows.numel() == 0:
             # A sharded reference gathers its weights in its forward with every rank: run it on
             # one row (beta 0, so it adds no KL) when another rank needs it and this one does not.
             rows = rows.new_zeros(1)
@@ -395,7 +400,7 @@ class SafeFineTuning(L.LightningModule):
             return None, None
         subset = rows.numel() < beta.numel()
         ref_rows = rows if subset else None
-        if self._cache is not None:
+        if cache is not None:
             ids = batch.get("id")
             if ids is None:
                 raise DataError(
@@ -403,7 +408,7 @@ class SafeFineTuning(L.LightningModule):
                     "or add an 'id' list to your batches"
                 )
             lengths = (batch["labels"][rows, 1:] != -100).sum(dim=1)
-            return self._cache.lookup([ids[r] for r in rows.tolist()], lengths, device=input_ids.device), ref_rows
+            return cache.lookup([ids[r] for r in rows.tolist()], lengths, device=input_ids.device), ref_rows
         if subset:
             input_ids = input_ids[rows]
             attention_mask = attention_mask[rows] if attention_mask is not None else None
@@ -415,6 +420,7 @@ class SafeFineTuning(L.LightningModule):
         E.g. precompute during the first epoch's set-up and switch on for the rest. Refuses a cache
         built for another reference or vocabulary (after ``configure_model``).
         """
+        self._cache_pending = False
         if cache is None:
             self._cache = None
             return
@@ -422,6 +428,22 @@ class SafeFineTuning(L.LightningModule):
         if isinstance(cache, ReferenceCache):
             cache = str(cache.path) if cache.fingerprint != fingerprint else cache
         self._cache = cache if isinstance(cache, ReferenceCache) else open_reference_cache(cache, fingerprint, self.policy)
+
+    def _active_cache(self) -> ReferenceCache | None:
+        """The reference cache in use, opened on first need from ``reference_cache``."""
+        if self._cache_pending:
+            self.configure_model()
+            self.use_reference_cache(self.reference_cache)
+        return self._cache
+
+    def on_fit_start(self) -> None:
+        cache = self._active_cache()  # a missing or mismatched cache fails before the first step, not at it
+        recorded = self._resumed_cache_digest
+        if cache is not None and recorded is not None and recorded != cache.digest:
+            raise LightningSafetyError(
+                f"this checkpoint was trained with another reference cache (digest {recorded}, now "
+                f"{cache.digest}): resume with the cache it used, or without model.reference_cache"
+            )
 
     def precompute_reference(
         self, batches: Iterable[Mapping[str, Any]], path: str, *, top_k: int = DEFAULT_TOP_K, logprob_dtype: str = "float32"
@@ -637,12 +659,8 @@ class SafeFineTuning(L.LightningModule):
                 f"not from {self.hparams.get('model')!r} ({current[:12]}...): resume with the model it started from, "
                 "or start a new run without the checkpoint"
             )
-        recorded_cache = extra.get("reference_cache_digest")
-        if self._cache is not None and recorded_cache is not None and recorded_cache != self._cache.digest:
-            raise LightningSafetyError(
-                f"this checkpoint was trained with another reference cache (digest {recorded_cache}, now "
-                f"{self._cache.digest}): resume with the cache it used, or without model.reference_cache"
-            )
+        # Checked when the cache is opened for training (on_fit_start): exporting needs no cache.
+        self._resumed_cache_digest = extra.get("reference_cache_digest")
         self.schedule.load_state_dict(extra["schedule"])
         # Frozen weights were left out when saving: load_state_dict keeps them as loaded.
 

@@ -86,8 +86,9 @@ def test_a_cache_of_another_reference_or_data_is_refused(tiny_model_dir, tmp_pat
     data = batches()
     build(tiny_model_dir, reference="model_copy").precompute_reference(data, str(tmp_path / "cache"), top_k=8)
     other = SafeFineTuning(build_tiny_llama(seed=1), reference="model_copy", reference_cache=str(tmp_path / "cache"))
+    other.configure_model()  # builds without the cache: exporting a cached run's checkpoint needs none
     with pytest.raises(ReferenceCacheError, match="was built for reference"):
-        other.configure_model()  # other weights: another reference
+        other.compute_loss(data[0], update_schedule=False)  # other weights: another reference
     cached = build(tiny_model_dir, reference="model_copy", reference_cache=str(tmp_path / "cache"))
     unknown = dict(data[0], id=["ex0-0", "new-1", "ex0-2"])  # row 0 has beta 0 and is not looked up
     with pytest.raises(ReferenceCacheError, match="precompute-reference"):
@@ -140,3 +141,17 @@ def test_a_run_with_a_cache_resumes_exactly_and_refuses_another_cache(tiny_model
         run(tiny_model_dir, tmp_path / "other", max_steps=8, ckpt_path=tmp_path / "full" / "step=3.ckpt",
             reference="model_copy", reference_cache=str(other.path))
     assert not any((tmp_path / "other").rglob("*.ckpt"))
+
+
+def test_a_cached_run_exports_without_its_cache(tiny_model_dir, tmp_path):
+    """The cache is a training aid: exporting the checkpoint after deleting it still works."""
+    import shutil
+
+    from lightning_safety.commands import export
+
+    cache = tiny_chat_cache(tiny_model_dir, tmp_path / "cache", 16, reference="model_copy")
+    run(tiny_model_dir, tmp_path / "run", max_steps=3, checkpoint_every=3, reference="model_copy",
+        reference_cache=str(cache.path))
+    shutil.rmtree(cache.path)
+    folder = export(str(tmp_path / "run" / "step=3.ckpt"), str(tmp_path / "exported"))
+    assert (tmp_path / "exported" / "config.json").is_file() and folder == str(tmp_path / "exported")
