@@ -36,7 +36,6 @@ from lightning_safety.distributed import (
 )
 from lightning_safety.errors import DataError, LightningSafetyError, ModelLoadError
 from lightning_safety.losses import AdaptiveKLOutput, ProjectedLogits, adaptive_kl_loss
-from lightning_safety.reference_cache import DEFAULT_TOP_K, CachedTokens, ReferenceCache
 from lightning_safety.models import (
     LoraSettings,
     apply_lora,
@@ -50,15 +49,16 @@ from lightning_safety.models import (
 )
 from lightning_safety.reference import (
     Reference,
-    open_reference_cache,
-    precompute_reference,
-    reference_fingerprint,
     ReferenceStrategy,
     add_reference_adapter,
     check_same_vocabulary,
     frozen_copy,
+    open_reference_cache,
+    precompute_reference,
+    reference_fingerprint,
     resolve_reference_strategy,
 )
+from lightning_safety.reference_cache import DEFAULT_TOP_K, CachedTokens, ReferenceCache
 from lightning_safety.risk.base import ConstantRisk, FieldRisk, RiskEstimator, check_risk
 from lightning_safety.schedules import LinearRiskSchedule, RiskSchedule, schedule_from_config
 from lightning_safety.tiny_model import TINY_MODEL_ALIAS
