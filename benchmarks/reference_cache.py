@@ -75,6 +75,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-length", type=int, default=384)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--memory", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--steps-only", action="store_true", help="the step times alone (no memory, KL error, epochs)")
     parser.add_argument("--memory-worker", choices=MEMORY_CONFIGS, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--cache-dir", type=Path, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--out-dir", type=Path, default=None, help="write results.md and results.json here")
@@ -266,6 +267,8 @@ def report(args: argparse.Namespace, device: torch.device, times: dict, memory: 
                  f"{(m['peak'] - m['baseline']) / base:.3f}"] for name, m in memory.items()]
         lines += markdown_table(["configuration", "baseline", "peak", "step working set", "x SFT working set"], "lrrrr", rows)
         lines += ["", f"Measured as: {memory_measure_note(memory.values())}."]
+    if not error:
+        return "\n".join(lines) + "\n"
     lines += ["", f"## KL error of the top-k cache on real text ({error['tokens']} GSM8K response tokens)", "",
               f"Exact forward KL per token: mean {error['exact_kl_mean']:.4f}, median {error['exact_kl_median']:.4f} nats "
               "(policy = LoRA after 3 SFT epochs at lr 1e-3 on the same rows).", ""]
@@ -302,9 +305,9 @@ def main(argv: list[str] | None = None) -> int:
         actions = step_actions(setup, cache)
         times = run_interleaved(actions, warmup=args.warmup, repeats=args.repeats, device=device, tag="reference_cache")
         del setup, cache, actions
-        memory = run_memory(args, cache_dir, argv) if args.memory else {}
-        error = kl_error(args, device)
-        epochs = epochs_run(args, device, work)
+        memory = run_memory(args, cache_dir, argv) if args.memory and not args.steps_only else {}
+        error = {} if args.steps_only else kl_error(args, device)
+        epochs = {} if args.steps_only else epochs_run(args, device, work)
     text = report(args, device, times, memory, error, epochs)
     print(text)
     if args.out_dir is not None:

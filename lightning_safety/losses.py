@@ -495,22 +495,81 @@ def _token_losses(
     Returns:
         ``nll [n]`` and ``kl [m]``.
     """
-    x = (policy if project is None else project(policy)).float()
+    logits = policy if project is None else project(policy)
+    m = ref_rows.shape[0]
+    if not isinstance(reference_logits, CachedTokens):
+        # One fused pass for NLL and KL with a hand-written backward (see _DenseTokenLoss).
+        if reference_logits is None or m == 0:
+            return _DenseTokenLoss.apply(logits, targets, None, direction)
+        return _DenseTokenLoss.apply(logits, targets, functools.partial(_reference_chunk, reference_logits, ref_rows, ref_positions), direction)
+    x = logits.float()
     lse = torch.logsumexp(x, dim=-1)  # [n]
     # NLL via logsumexp and a gather: no [n, V] log-softmax for rows that need no KL.
     nll = lse - x.gather(-1, targets[:, None]).squeeze(-1)
-    m = ref_rows.shape[0]
-    if reference_logits is None or m == 0:
+    if m == 0:
         return nll, x.new_zeros(0)
-    if isinstance(reference_logits, CachedTokens):  # this chunk's m cached tokens
-        return nll, topk_kl(x[:m], reference_logits, direction, lse[:m])
-    logp = x[:m] - lse[:m, None]  # [m, V]
-    logq = torch.log_softmax(reference_logits[ref_rows, ref_positions].float(), dim=-1)  # [m, V]
-    if direction == "forward":
-        kl = (logq.exp() * (logq - logp)).sum(dim=-1)
-    else:
-        kl = (logp.exp() * (logp - logq)).sum(dim=-1)
-    return nll, kl
+    return nll, topk_kl(x[:m], reference_logits, direction, lse[:m])  # this chunk's m cached tokens
+
+
+def _reference_chunk(reference_logits: Tensor | ProjectedLogits, rows: Tensor, positions: Tensor) -> Tensor:
+    """The reference's float32 logits ``[m, V]`` at (rows, positions), without gradients."""
+    with torch.no_grad():
+        return reference_logits[rows, positions].float()
+
+
+class _DenseTokenLoss(torch.autograd.Function):
+    """Per-token NLL ``[n]`` and KL ``[m]`` (first ``m`` tokens) from policy logits ``[n, V]``, with a
+    hand-written backward that needs no saved ``[n, V]`` intermediates.
+
+    With ``p = softmax(x)`` and ``q = softmax(z)`` (the reference, recomputed by ``reference_fn``)::
+
+        nll = lse(x) - x[y]                          d nll / dx = p - onehot(y)
+        forward KL(q || p) = sum q (z - x) - lse(z) + lse(x)     d / dx = p - q
+        reverse KL(p || q) = sum p (x - z) - lse(x) + lse(z)     d / dx = p * (log p - log q - KL)
+
+    Autograd would keep (or, under checkpointing, recompute) about a dozen float32 ``[n, V]``
+    tensors; this keeps the inputs and a few ``[n]`` vectors, and its backward makes ``p`` and
+    ``q`` once each. Results equal the autograd formulas up to float32 rounding (tests).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, logits: Tensor, targets: Tensor, reference_fn: Callable[[], Tensor] | None, direction: str):
+        x = logits.float()
+        lse = torch.logsumexp(x, dim=-1)  # [n]
+        nll = lse - x.gather(-1, targets[:, None]).squeeze(-1)
+        kl = x.new_zeros(0)
+        lse_z = None
+        if reference_fn is not None:
+            z = reference_fn()  # [m, V] float32
+            m = z.shape[0]
+            lse_z = torch.logsumexp(z, dim=-1)  # [m]
+            if direction == "forward":
+                q = torch.exp(z - lse_z[:, None])
+                kl = (q * (z - x[:m])).sum(dim=-1) - lse_z + lse[:m]
+            else:
+                p = torch.exp(x[:m] - lse[:m, None])
+                kl = (p * (x[:m] - z)).sum(dim=-1) - lse[:m] + lse_z
+            kl = kl.clamp_min(0.0)  # a KL is >= 0; rounding can give -1e-7
+        ctx.save_for_backward(logits, targets, lse, kl, lse_z if lse_z is not None else lse.new_zeros(0))
+        ctx.reference_fn, ctx.direction = reference_fn, direction
+        return nll, kl
+
+    @staticmethod
+    def backward(ctx: Any, grad_nll: Tensor, grad_kl: Tensor):
+        logits, targets, lse, kl, lse_z = ctx.saved_tensors
+        x = logits.float()
+        p = torch.exp(x - lse[:, None])  # [n, V]
+        grad = p * grad_nll[:, None]
+        grad.scatter_add_(-1, targets[:, None], -grad_nll[:, None])
+        if ctx.reference_fn is not None and kl.numel():
+            m = kl.shape[0]
+            logq = ctx.reference_fn() - lse_z[:, None]  # [m, V]
+            if ctx.direction == "forward":
+                grad[:m] += grad_kl[:, None] * (p[:m] - logq.exp())
+            else:
+                logp = x[:m] - lse[:m, None]
+                grad[:m] += grad_kl[:, None] * p[:m] * (logp - logq - kl[:, None])
+        return grad.to(logits.dtype), None, None, None
 
 
 def _token_losses_chunked(
@@ -550,7 +609,10 @@ def _token_losses_chunked(
     empty = plan.ref_rows.new_zeros(0)
     # A cached reference is per token: chunk i gets chunk i of its [M] tokens.
     cached_chunks = reference.split(chunk_size) if isinstance(reference, CachedTokens) else None
-    recompute = torch.is_grad_enabled() and (policy.requires_grad or getattr(policy_logits, "trainable", False))
+    # _DenseTokenLoss keeps only its inputs for backward, so a chunk needs recomputing only when its
+    # inputs are made inside it (the fused output layer) or autograd records V-wide tensors (topk_kl).
+    needs_grad = torch.is_grad_enabled() and (policy.requires_grad or getattr(policy_logits, "trainable", False))
+    recompute = needs_grad and (project is not None or isinstance(reference, CachedTokens))
     nll_parts, kl_parts = [], []
     for i, (p_chunk, t_chunk) in enumerate(zip(policy_chunks, target_chunks)):
         has_ref = i < len(ref_row_chunks)

@@ -79,4 +79,6 @@ def test_ddp_two_ranks_read_one_reference_cache_and_train_as_with_the_reference(
     torch.testing.assert_close(torch.tensor(cached[0]["losses"]), torch.tensor(plain[0]["losses"]), rtol=1e-5, atol=1e-6)
     for name, value in plain[0]["state"].items():
         torch.testing.assert_close(cached[1]["state"][name], cached[0]["state"][name], rtol=0, atol=0)
-        torch.testing.assert_close(cached[0]["state"][name], value, rtol=1e-4, atol=1e-5, msg=f"{name}: cached vs reference")
+        # 8 AdamW steps at lr 1e-2 from float32-rounding-different gradients (top-k KL vs the exact one):
+        # 2e-5 measured; a wrong KL would move weights by ~lr = 1e-2.
+        torch.testing.assert_close(cached[0]["state"][name], value, rtol=1e-4, atol=5e-5, msg=f"{name}: cached vs reference")

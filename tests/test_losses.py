@@ -402,9 +402,11 @@ def test_chunked_saves_far_less_for_backward(direction):
     unchunked, grad_full = run(None)
     chunked, grad_chunked = run(chunk)
     float32_rows = n_tokens * vocab * 4  # one float32 [N, V] tensor
-    assert unchunked >= 2 * float32_rows
-    assert chunked < unchunked / 3
-    assert chunked < n_tokens * vocab * 2 + 3 * chunk * vocab * 4  # bf16 [N, V] copy + < 1 chunk
+    # Neither path keeps a float32 [N, V] tensor for backward (autograd would keep several): the
+    # gathered bf16 [N, V] policy logits and a few [N] vectors are all.
+    bf16_rows = n_tokens * vocab * 2
+    assert unchunked < float32_rows and chunked < float32_rows
+    assert chunked < bf16_rows + 3 * chunk * vocab * 4  # bf16 [N, V] copy + < 1 chunk
     torch.testing.assert_close(grad_chunked, grad_full, atol=1e-6, rtol=0)
 
 

@@ -52,6 +52,11 @@ def test_a_full_vocabulary_cache_reproduces_the_exact_loss_without_a_reference_f
     cache = exact.precompute_reference(data, str(tmp_path / "cache"), top_k=VOCAB)
     assert cache.num_examples == 6 and cache.num_tokens == sum(int((b["labels"][:, 1:] != -100).sum()) for b in data)
     cached = build(tiny_model_dir, chunk_size=7, reference_cache=str(tmp_path / "cache"), **kwargs)
+    with torch.no_grad():  # move the policy off the reference (the same way in both), so that the KL is not 0
+        generator = torch.Generator().manual_seed(1)
+        for parameter in exact.trainable_parameters():
+            parameter.add_(0.05 * torch.randn(parameter.shape, generator=generator))
+    cached.policy.load_state_dict(exact.policy.state_dict())
     calls = []
     original = reference_lib.Reference.logits
     monkeypatch.setattr(reference_lib.Reference, "logits", lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
