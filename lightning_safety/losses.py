@@ -27,7 +27,7 @@ from lightning_safety.errors import (
     LightningSafetyError,
     RiskError,
 )
-from lightning_safety.reference_cache import CachedTokens, topk_kl
+from lightning_safety.reference_cache import LOG_TINY, CachedTokens, topk_kl
 
 __all__ = ["AdaptiveKLOutput", "adaptive_kl_loss", "ProjectedLogits"]
 
@@ -231,11 +231,13 @@ def adaptive_kl_loss(
             each row's token mean over the rows).
         ignore_index: label value of tokens that are not trained on.
         chunk_size: if set, process the gathered response tokens ``chunk_size`` at a time (a
-            chunk may span rows), each chunk under activation checkpointing when gradients are
-            needed, so that at most one chunk's float32 ``[chunk_size, V]`` intermediates are
-            alive in forward and backward; what stays alive for backward is only the gathered
-            ``[N, V]`` policy logits in their own dtype. Results equal the unchunked path up to
-            float32 rounding. Without it, a few float32 ``[N, V]`` tensors are kept for backward.
+            chunk may span rows), so that at most one chunk's float32 ``[chunk_size, V]``
+            temporaries are alive in forward and backward. Either way NLL and KL have a
+            hand-written backward that keeps only its inputs: what stays alive for backward is the
+            gathered ``[N, V]`` policy logits in their own dtype (with a trainable
+            :class:`ProjectedLogits` policy, not even that: each chunk is recomputed from the hidden
+            states under activation checkpointing). Results equal the unchunked path up to float32
+            rounding.
         reference_rows: ``[R]`` int64, the policy row of each ``reference_logits`` row. Rows not
             listed get no KL and must have ``beta == 0``.
 
@@ -502,13 +504,63 @@ def _token_losses(
         if reference_logits is None or m == 0:
             return _DenseTokenLoss.apply(logits, targets, None, direction)
         return _DenseTokenLoss.apply(logits, targets, functools.partial(_reference_chunk, reference_logits, ref_rows, ref_positions), direction)
-    x = logits.float()
-    lse = torch.logsumexp(x, dim=-1)  # [n]
-    # NLL via logsumexp and a gather: no [n, V] log-softmax for rows that need no KL.
-    nll = lse - x.gather(-1, targets[:, None]).squeeze(-1)
     if m == 0:
-        return nll, x.new_zeros(0)
-    return nll, topk_kl(x[:m], reference_logits, direction, lse[:m])  # this chunk's m cached tokens
+        return _DenseTokenLoss.apply(logits, targets, None, direction)
+    return _CachedTokenLoss.apply(logits, targets, reference_logits, direction)  # this chunk's m cached tokens
+
+
+class _CachedTokenLoss(torch.autograd.Function):
+    """Per-token NLL ``[n]`` and the top-k KL ``[m]`` against cached reference tokens, with a
+    hand-written backward (the values are :func:`~lightning_safety.reference_cache.topk_kl`'s).
+
+    The ``k + 1`` outcomes are the cached ids and the rest; ``P_i`` / ``Q_i`` are the policy's and the
+    reference's mass on outcome ``i`` and ``i(j)`` the outcome of token ``j``. With ``p = softmax(x)``::
+
+        forward KL(Q || P):  d / dx_j = p_j - Q_i(j) p_j / P_i(j)   (p_j - q_j on a cached id)
+        reverse KL(P || Q):  d / dx_j = p_j (log P_i(j) - log Q_i(j) - KL)
+
+    Keeps the inputs and a few ``[n]`` vectors; no chunk needs recomputing for backward.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, logits: Tensor, targets: Tensor, cached: CachedTokens, direction: str):
+        x = logits.float()
+        m = len(cached)
+        lse = torch.logsumexp(x, dim=-1)  # [n]
+        nll = lse - x.gather(-1, targets[:, None]).squeeze(-1)
+        kl = topk_kl(x[:m], cached, direction, lse[:m])
+        ctx.save_for_backward(logits, targets, lse, kl)
+        ctx.cached, ctx.direction = cached, direction
+        return nll, kl
+
+    @staticmethod
+    def backward(ctx: Any, grad_nll: Tensor, grad_kl: Tensor):
+        logits, targets, lse, kl = ctx.saved_tensors
+        cached: CachedTokens = ctx.cached
+        x = logits.float()
+        m = len(cached)
+        p = torch.exp(x - lse[:, None])  # [n, V]
+        grad = p * grad_nll[:, None]
+        grad.scatter_add_(-1, targets[:, None], -grad_nll[:, None])
+        ids = cached.token_ids.long()  # [m, k]
+        pm = p[:m]
+        p_ids = pm.gather(-1, ids)  # [m, k]
+        rest = x[:m].scatter(-1, ids, -1.0e30)
+        # Summed over the other tokens (not 1 - sum p_ids, which float32 cannot resolve for tiny tails).
+        log_p_tail = (torch.logsumexp(rest, dim=-1) - lse[:m]).clamp_min(LOG_TINY)  # [m]
+        log_q, log_q_tail = cached.logprobs.float(), cached.tail.float()
+        if ctx.direction == "forward":
+            # Tail tokens: p_j (1 - Q_t / P_t); cached ids: p_j - q_j.
+            tail_factor = 1.0 - torch.exp(log_q_tail - log_p_tail)  # [m]
+            kl_grad = pm * tail_factor[:, None]
+            kl_grad.scatter_(-1, ids, p_ids - log_q.exp())
+        else:
+            d_tail = log_p_tail - log_q_tail - kl  # [m]
+            kl_grad = pm * d_tail[:, None]
+            d_ids = (x[:m].gather(-1, ids) - lse[:m, None] - log_q) - kl[:, None]  # [m, k]
+            kl_grad.scatter_(-1, ids, p_ids * d_ids)
+        grad[:m] += grad_kl[:, None] * kl_grad
+        return grad.to(logits.dtype), None, None, None
 
 
 def _reference_chunk(reference_logits: Tensor | ProjectedLogits, rows: Tensor, positions: Tensor) -> Tensor:
@@ -609,10 +661,10 @@ def _token_losses_chunked(
     empty = plan.ref_rows.new_zeros(0)
     # A cached reference is per token: chunk i gets chunk i of its [M] tokens.
     cached_chunks = reference.split(chunk_size) if isinstance(reference, CachedTokens) else None
-    # _DenseTokenLoss keeps only its inputs for backward, so a chunk needs recomputing only when its
-    # inputs are made inside it (the fused output layer) or autograd records V-wide tensors (topk_kl).
+    # The token-loss Functions keep only their inputs for backward, so a chunk needs recomputing only
+    # when its logits are made inside it (the fused output layer: else [chunk, V] would be kept per chunk).
     needs_grad = torch.is_grad_enabled() and (policy.requires_grad or getattr(policy_logits, "trainable", False))
-    recompute = needs_grad and (project is not None or isinstance(reference, CachedTokens))
+    recompute = needs_grad and project is not None
     nll_parts, kl_parts = [], []
     for i, (p_chunk, t_chunk) in enumerate(zip(policy_chunks, target_chunks)):
         has_ref = i < len(ref_row_chunks)

@@ -664,3 +664,30 @@ def test_a_cache_of_other_rows_is_refused():
     both = cached_reference(ref, labels, torch.tensor([0, 1]), top_k=7)
     with pytest.raises(DataError, match="cached reference holds"):
         adaptive_kl_loss(logits, both, labels, torch.tensor([0.5, 0.0]), reference_rows=torch.tensor([0]))
+
+
+@pytest.mark.parametrize("direction", ["forward", "reverse"])
+@pytest.mark.parametrize("top_k", [1, 4, 11])
+def test_the_cached_kl_gradient_is_topk_kl_autograd(direction, top_k):
+    """The loss's hand-written backward for a cached reference = autograd through topk_kl (k < V too)."""
+    from lightning_safety.reference_cache import topk_kl
+
+    torch.manual_seed(5)
+    V = 11
+    logits = (3 * torch.randn(2, 7, V)).requires_grad_()
+    ref = 3 * torch.randn(2, 7, V)
+    labels = torch.randint(0, V, (2, 7))
+    labels[:, :2] = -100
+    beta = torch.tensor([0.6, 0.3])
+    cached = cached_reference(ref, labels, torch.tensor([0, 1]), top_k=top_k)
+    out = adaptive_kl_loss(logits, cached, labels, beta, direction=direction, weighting="additive")
+    (grad,) = torch.autograd.grad(out.loss, logits)
+    rows, positions = (labels[:, 1:] != -100).nonzero(as_tuple=True)
+    x = logits[rows, positions]
+    nll = torch.logsumexp(x.float(), -1) - x.gather(-1, labels[:, 1:][rows, positions][:, None]).squeeze(-1)
+    kl = topk_kl(x, cached, direction)
+    count = (labels[:, 1:] != -100).sum()
+    expected_loss = (nll.sum() + (beta[rows] * kl).sum()) / count
+    (expected,) = torch.autograd.grad(expected_loss, logits)
+    torch.testing.assert_close(out.loss, expected_loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad, expected, rtol=1e-4, atol=1e-6)
