@@ -75,7 +75,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-length", type=int, default=384)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--memory", action=argparse.BooleanOptionalAction, default=True)
-    parser.add_argument("--steps-only", action="store_true", help="the step times alone (no memory, KL error, epochs)")
+    parser.add_argument("--skip", nargs="+", choices=["memory", "kl", "epochs"], default=[],
+                        help="parts to leave out (the step times always run)")
     parser.add_argument("--memory-worker", choices=MEMORY_CONFIGS, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--cache-dir", type=Path, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--out-dir", type=Path, default=None, help="write results.md and results.json here")
@@ -267,9 +268,15 @@ def report(args: argparse.Namespace, device: torch.device, times: dict, memory: 
                  f"{(m['peak'] - m['baseline']) / base:.3f}"] for name, m in memory.items()]
         lines += markdown_table(["configuration", "baseline", "peak", "step working set", "x SFT working set"], "lrrrr", rows)
         lines += ["", f"Measured as: {memory_measure_note(memory.values())}."]
-    if not error:
-        return "\n".join(lines) + "\n"
-    lines += ["", f"## KL error of the top-k cache on real text ({error['tokens']} GSM8K response tokens)", "",
+    if error:
+        lines += kl_error_lines(error)
+    if epochs:
+        lines += epochs_lines(args, epochs)
+    return "\n".join(lines) + "\n"
+
+
+def kl_error_lines(error: dict) -> list[str]:
+    lines = ["", f"## KL error of the top-k cache on real text ({error['tokens']} GSM8K response tokens)", "",
               f"Exact forward KL per token: mean {error['exact_kl_mean']:.4f}, median {error['exact_kl_median']:.4f} nats "
               "(policy = LoRA after 3 SFT epochs at lr 1e-3 on the same rows).", ""]
     rows = [[str(k), f"{e['mass_median']:.4f}", f"{e['mass_p01']:.3f}", f"{e['abs_median']:.2e}", f"{e['abs_p99']:.2e}",
@@ -279,15 +286,19 @@ def report(args: argparse.Namespace, device: torch.device, times: dict, memory: 
     lines += markdown_table(["k", "top-k mass (median)", "top-k mass (p1)", "abs error median", "abs error p99",
                              "rel error median", "rel error p99", "sum KL ratio", "above exact", "bytes/token",
                              "disk per 1M tokens"], "rrrrrrrrrrr", rows)
+    return lines
+
+
+def epochs_lines(args: argparse.Namespace, epochs: dict) -> list[str]:
     sft = epochs["sft"]["total_s"]
-    lines += ["", f"## {args.epochs} epochs over {args.examples} GSM8K rows (real run, wall time)", ""]
+    lines = ["", f"## {args.epochs} epochs over {args.examples} GSM8K rows (real run, wall time)", ""]
     rows = [[name, f"{e['steps']}", f"{e['precompute_s']:.1f} s", f"{e['total_s']:.1f} s", f"{e['total_s'] / sft:.3f}"]
             for name, e in epochs.items()]
     lines += markdown_table(["run", "steps", "precompute", "total", "x SFT"], "lrrrr", rows)
     lines += ["", f"- P2 (total): {args.epochs}-epoch run with the cache (precompute included) / SFT = "
                   f"**{epochs['adaptive_cached']['total_s'] / sft:.3f}**; with the reference every step "
                   f"{epochs['adaptive_exact']['total_s'] / sft:.3f}"]
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -305,9 +316,9 @@ def main(argv: list[str] | None = None) -> int:
         actions = step_actions(setup, cache)
         times = run_interleaved(actions, warmup=args.warmup, repeats=args.repeats, device=device, tag="reference_cache")
         del setup, cache, actions
-        memory = run_memory(args, cache_dir, argv) if args.memory and not args.steps_only else {}
-        error = {} if args.steps_only else kl_error(args, device)
-        epochs = {} if args.steps_only else epochs_run(args, device, work)
+        memory = run_memory(args, cache_dir, argv) if args.memory and "memory" not in args.skip else {}
+        error = {} if "kl" in args.skip else kl_error(args, device)
+        epochs = {} if "epochs" in args.skip else epochs_run(args, device, work)
     text = report(args, device, times, memory, error, epochs)
     print(text)
     if args.out_dir is not None:

@@ -539,27 +539,25 @@ class _CachedTokenLoss(torch.autograd.Function):
         cached: CachedTokens = ctx.cached
         x = logits.float()
         m = len(cached)
-        p = torch.exp(x - lse[:, None])  # [n, V]
-        grad = p * grad_nll[:, None]
-        grad.scatter_add_(-1, targets[:, None], -grad_nll[:, None])
         ids = cached.token_ids.long()  # [m, k]
-        pm = p[:m]
-        p_ids = pm.gather(-1, ids)  # [m, k]
-        rest = x[:m].scatter(-1, ids, -1.0e30)
+        grad = (x - lse[:, None]).exp_()  # p [n, V]; becomes the gradient in place
+        p_ids = grad[:m].gather(-1, ids)  # [m, k]
         # Summed over the other tokens (not 1 - sum p_ids, which float32 cannot resolve for tiny tails).
-        log_p_tail = (torch.logsumexp(rest, dim=-1) - lse[:m]).clamp_min(LOG_TINY)  # [m]
+        log_p_tail = (torch.logsumexp(x[:m].scatter(-1, ids, -1.0e30), dim=-1) - lse[:m]).clamp_min(LOG_TINY)
         log_q, log_q_tail = cached.logprobs.float(), cached.tail.float()
+        g_nll, g_kl = grad_nll[:m, None], grad_kl[:, None]
         if ctx.direction == "forward":
-            # Tail tokens: p_j (1 - Q_t / P_t); cached ids: p_j - q_j.
-            tail_factor = 1.0 - torch.exp(log_q_tail - log_p_tail)  # [m]
-            kl_grad = pm * tail_factor[:, None]
-            kl_grad.scatter_(-1, ids, p_ids - log_q.exp())
+            # other tokens: p_j (1 - Q_t / P_t); cached ids: p_j - q_j
+            other = 1.0 - torch.exp(log_q_tail - log_p_tail)[:, None]
+            on_ids = g_nll * p_ids + g_kl * (p_ids - log_q.exp())
         else:
-            d_tail = log_p_tail - log_q_tail - kl  # [m]
-            kl_grad = pm * d_tail[:, None]
-            d_ids = (x[:m].gather(-1, ids) - lse[:m, None] - log_q) - kl[:, None]  # [m, k]
-            kl_grad.scatter_(-1, ids, p_ids * d_ids)
-        grad[:m] += grad_kl[:, None] * kl_grad
+            # other tokens: p_j (log P_t - log Q_t - KL); cached ids: p_j (log p_j - log q_j - KL)
+            other = (log_p_tail - log_q_tail - kl)[:, None]
+            on_ids = p_ids * (g_nll + g_kl * (x[:m].gather(-1, ids) - lse[:m, None] - log_q - kl[:, None]))
+        grad[:m].mul_(g_nll + g_kl * other)
+        grad[m:].mul_(grad_nll[m:, None])
+        grad[:m].scatter_(-1, ids, on_ids)
+        grad.scatter_add_(-1, targets[:, None], -grad_nll[:, None])  # d nll = p - onehot
         return grad.to(logits.dtype), None, None, None
 
 
@@ -592,15 +590,16 @@ class _DenseTokenLoss(torch.autograd.Function):
         kl = x.new_zeros(0)
         lse_z = None
         if reference_fn is not None:
-            z = reference_fn()  # [m, V] float32
-            m = z.shape[0]
-            lse_z = torch.logsumexp(z, dim=-1)  # [m]
-            if direction == "forward":
-                q = torch.exp(z - lse_z[:, None])
-                kl = (q * (z - x[:m])).sum(dim=-1) - lse_z + lse[:m]
-            else:
-                p = torch.exp(x[:m] - lse[:m, None])
-                kl = (p * (x[:m] - z)).sum(dim=-1) - lse[:m] + lse_z
+            logq = reference_fn()  # [m, V] float32, a fresh tensor: changed in place below
+            m = logq.shape[0]
+            lse_z = torch.logsumexp(logq, dim=-1)  # [m]
+            logq.sub_(lse_z[:, None])
+            if direction == "forward":  # sum q (log q - x) + lse(x), as sum q = 1
+                q = logq.exp()
+                kl = _rowdot(q, logq) - _rowdot(q, x[:m]) + lse[:m]
+            else:  # sum p (x - log q) - lse(x)
+                p = (x[:m] - lse[:m, None]).exp_()
+                kl = _rowdot(p, x[:m]) - _rowdot(p, logq) - lse[:m]
             kl = kl.clamp_min(0.0)  # a KL is >= 0; rounding can give -1e-7
         ctx.save_for_backward(logits, targets, lse, kl, lse_z if lse_z is not None else lse.new_zeros(0))
         ctx.reference_fn, ctx.direction = reference_fn, direction
@@ -610,18 +609,25 @@ class _DenseTokenLoss(torch.autograd.Function):
     def backward(ctx: Any, grad_nll: Tensor, grad_kl: Tensor):
         logits, targets, lse, kl, lse_z = ctx.saved_tensors
         x = logits.float()
-        p = torch.exp(x - lse[:, None])  # [n, V]
-        grad = p * grad_nll[:, None]
-        grad.scatter_add_(-1, targets[:, None], -grad_nll[:, None])
+        grad = (x - lse[:, None]).exp_()  # p [n, V]; becomes the gradient in place
         if ctx.reference_fn is not None and kl.numel():
             m = kl.shape[0]
-            logq = ctx.reference_fn() - lse_z[:, None]  # [m, V]
-            if ctx.direction == "forward":
-                grad[:m] += grad_kl[:, None] * (p[:m] - logq.exp())
-            else:
-                logp = x[:m] - lse[:m, None]
-                grad[:m] += grad_kl[:, None] * p[:m] * (logp - logq - kl[:, None])
+            part = ctx.reference_fn().sub_(lse_z[:, None])  # log q [m, V]
+            if ctx.direction == "forward":  # p - q
+                part.exp_().neg_().add_(grad[:m])
+            else:  # p (log p - log q - KL)
+                part.neg_().add_(x[:m]).sub_((lse[:m] + kl)[:, None]).mul_(grad[:m])
+            grad.mul_(grad_nll[:, None])
+            grad[:m].add_(part.mul_(grad_kl[:, None]))
+        else:
+            grad.mul_(grad_nll[:, None])
+        grad.scatter_add_(-1, targets[:, None], -grad_nll[:, None])  # d nll = p - onehot
         return grad.to(logits.dtype), None, None, None
+
+
+def _rowdot(a: Tensor, b: Tensor) -> Tensor:
+    """``(a * b).sum(-1)`` for ``[m, V]`` inputs without an ``[m, V]`` temporary."""
+    return torch.bmm(a[:, None, :], b[:, :, None]).reshape(-1)
 
 
 def _token_losses_chunked(
