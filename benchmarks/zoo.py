@@ -628,6 +628,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     aligned = cached("aligned", aligned_cell)
     if aligned is None:
         fail(f"--no-train found no aligned model's evaluation in {work}: run the benchmark once without it")
+    # A cached evaluation made for fewer attacks lacks their conditions: add them (the plain metrics stay).
+    lacking = [name for name in attacks if conditions[name][-1] not in aligned["conditions"]]
+    if lacking and not args.no_train:
+        _, extra, seconds = evaluate(ref_model, ref_tok, lacking)
+        aligned["conditions"] = {**extra, **aligned["conditions"]}
+        aligned["eval_seconds"] = round(aligned.get("eval_seconds", 0) + seconds, 1)
+        atomic_write_text(work / "cells" / "aligned.json", json.dumps(aligned, indent=1) + "\n")
+        log(f"aligned: evaluated the conditions of {', '.join(lacking)} too")
     log(f"aligned: {json.dumps({k: v['rate'] for k, v in aligned['conditions'].items()})}")
 
     def settings(attack: str, seed: int, normalization: str | None = None, cache_top_k: int | None = None) -> FinetuneSettings:
