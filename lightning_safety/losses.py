@@ -27,7 +27,7 @@ from lightning_safety.errors import (
     LightningSafetyError,
     RiskError,
 )
-from lightning_safety.reference_cache import LOG_TINY, CachedTokens, topk_kl
+from lightning_safety.reference_cache import CachedTokens, coarse_kl, policy_coarse_log_probs
 
 __all__ = ["AdaptiveKLOutput", "adaptive_kl_loss", "ProjectedLogits"]
 
@@ -139,10 +139,6 @@ class ProjectedLogits:
     @property
     def dtype(self) -> torch.dtype:
         return self.hidden.dtype
-
-    @property
-    def requires_grad(self) -> bool:
-        return self.trainable and torch.is_grad_enabled()
 
     def dim(self) -> int:
         return 3
@@ -528,22 +524,21 @@ class _CachedTokenLoss(torch.autograd.Function):
         m = len(cached)
         lse = torch.logsumexp(x, dim=-1)  # [n]
         nll = lse - x.gather(-1, targets[:, None]).squeeze(-1)
-        kl = topk_kl(x[:m], cached, direction, lse[:m])
-        ctx.save_for_backward(logits, targets, lse, kl)
+        logp_ids, logp_tail = policy_coarse_log_probs(x[:m], cached, lse[:m])
+        kl = coarse_kl(logp_ids, logp_tail, cached, direction)
+        ctx.save_for_backward(logits, targets, lse, kl, logp_ids, logp_tail)  # [n, V] input + small tensors
         ctx.cached, ctx.direction = cached, direction
         return nll, kl
 
     @staticmethod
     def backward(ctx: Any, grad_nll: Tensor, grad_kl: Tensor):
-        logits, targets, lse, kl = ctx.saved_tensors
+        logits, targets, lse, kl, logp_ids, log_p_tail = ctx.saved_tensors
         cached: CachedTokens = ctx.cached
         x = logits.float()
         m = len(cached)
         ids = cached.token_ids.long()  # [m, k]
         grad = (x - lse[:, None]).exp_()  # p [n, V]; becomes the gradient in place
-        p_ids = grad[:m].gather(-1, ids)  # [m, k]
-        # Summed over the other tokens (not 1 - sum p_ids, which float32 cannot resolve for tiny tails).
-        log_p_tail = (torch.logsumexp(x[:m].scatter(-1, ids, -1.0e30), dim=-1) - lse[:m]).clamp_min(LOG_TINY)
+        p_ids = logp_ids.exp()  # [m, k]
         log_q, log_q_tail = cached.logprobs.float(), cached.tail.float()
         g_nll, g_kl = grad_nll[:m, None], grad_kl[:, None]
         if ctx.direction == "forward":
@@ -553,7 +548,7 @@ class _CachedTokenLoss(torch.autograd.Function):
         else:
             # other tokens: p_j (log P_t - log Q_t - KL); cached ids: p_j (log p_j - log q_j - KL)
             other = (log_p_tail - log_q_tail - kl)[:, None]
-            on_ids = p_ids * (g_nll + g_kl * (x[:m].gather(-1, ids) - lse[:m, None] - log_q - kl[:, None]))
+            on_ids = p_ids * (g_nll + g_kl * (logp_ids - log_q - kl[:, None]))
         grad[:m].mul_(g_nll + g_kl * other)
         grad[m:].mul_(grad_nll[m:, None])
         grad[:m].scatter_(-1, ids, on_ids)

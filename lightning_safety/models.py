@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from lightning_safety.errors import IncompatibleReferenceError, ModelLoadError
+from lightning_safety.errors import ModelLoadError
 from lightning_safety.paths import atomic_directory, cache_root, save_pretrained_here
 from lightning_safety.tiny_model import TINY_MODEL_ALIAS, tiny_model_folder
 

@@ -425,9 +425,10 @@ class SafeFineTuning(L.LightningModule):
             self._cache = None
             return
         fingerprint = reference_fingerprint(self.reference_strategy, self.policy, self.reference, self._start_fingerprint)
-        if isinstance(cache, ReferenceCache):
-            cache = str(cache.path) if cache.fingerprint != fingerprint else cache
-        self._cache = cache if isinstance(cache, ReferenceCache) else open_reference_cache(cache, fingerprint, self.policy)
+        if isinstance(cache, ReferenceCache) and cache.fingerprint == fingerprint:
+            self._cache = cache  # already open and checked: switching it on costs no I/O
+        else:  # a folder, or another reference's cache (refused in one line by the open)
+            self._cache = open_reference_cache(str(getattr(cache, "path", cache)), fingerprint, self.policy)
 
     def _active_cache(self) -> ReferenceCache | None:
         """The reference cache in use, opened on first need from ``reference_cache``."""

@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from lightning_safety.errors import IncompatibleReferenceError, ModelLoadError
 from lightning_safety.losses import ProjectedLogits
-from lightning_safety.models import causal_lm_logits, decoder_and_output_layer, eval_mode, supports_logits_to_keep
+from lightning_safety.models import causal_lm_logits, decoder_and_output_layer, eval_mode
 from lightning_safety.reference_cache import DEFAULT_TOP_K, ReferenceCache, ReferenceCacheError, ReferenceCacheWriter
 
 __all__ = [
@@ -89,11 +89,6 @@ class Reference:
         self.model = model
         self.late_projection = late_projection
         self._projection: object = _UNCHECKED
-
-    @property
-    def supports_logits_to_keep(self) -> bool:
-        """Whether the reference's forward can skip the output layer on prompt positions."""
-        return supports_logits_to_keep(self.model if self.model is not None else self.policy)
 
     @contextlib.contextmanager
     def active(self) -> Iterator[nn.Module]:

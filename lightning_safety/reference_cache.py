@@ -83,6 +83,8 @@ __all__ = [
     "ReferenceCache",
     "ReferenceCacheError",
     "ReferenceCacheWriter",
+    "coarse_kl",
+    "policy_coarse_log_probs",
     "topk_kl",
 ]
 
@@ -226,13 +228,27 @@ def topk_kl(
     x = policy_logits.float()  # [m, V]
     if lse is None:
         lse = torch.logsumexp(x, dim=-1)
-    lse = lse.float()[:, None]  # [m, 1]
+    return coarse_kl(*policy_coarse_log_probs(x, cached, lse), cached, direction)
+
+
+def policy_coarse_log_probs(x: Tensor, cached: CachedTokens, lse: Tensor) -> tuple[Tensor, Tensor]:
+    """The policy's log-probabilities of the cached ids ``[m, k]`` and of the rest ``[m]``.
+
+    ``x`` is ``[m, V]`` float32 logits and ``lse`` their ``[m]`` log-sum-exp. The rest is summed over
+    the other tokens (a masked log-sum-exp), not taken as ``1 - sum p``, which float32 cannot resolve
+    for tiny tails; it is floored at ``LOG_TINY``.
+    """
     ids = cached.token_ids.long()  # [m, k]
-    logp = x.gather(-1, ids) - lse  # [m, k]
+    logp_ids = x.gather(-1, ids) - lse[:, None]  # [m, k]
     rest = x.scatter(-1, ids, _MASKED)  # [m, V]: the cached ids removed
-    logp_tail = (torch.logsumexp(rest, dim=-1, keepdim=True) - lse).clamp_min(LOG_TINY)  # [m, 1]
+    logp_tail = (torch.logsumexp(rest, dim=-1) - lse).clamp_min(LOG_TINY)  # [m]
+    return logp_ids, logp_tail
+
+
+def coarse_kl(logp_ids: Tensor, logp_tail: Tensor, cached: CachedTokens, direction: Direction) -> Tensor:
+    """KL ``[m]`` over the ``k + 1`` outcomes from the policy's (:func:`policy_coarse_log_probs`) and the cache's log-probs."""
     logq = torch.cat([cached.logprobs.float(), cached.tail.float()[:, None]], dim=-1)  # [m, k + 1]
-    logp = torch.cat([logp, logp_tail], dim=-1)  # [m, k + 1]
+    logp = torch.cat([logp_ids, logp_tail[:, None]], dim=-1)  # [m, k + 1]
     if direction == "forward":
         return (logq.exp() * (logq - logp)).sum(dim=-1)
     return (logp.exp() * (logp - logq)).sum(dim=-1)
