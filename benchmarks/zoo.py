@@ -89,15 +89,18 @@ from lightning_safety.risk.probe import fit_probe  # noqa: E402
 NEEDED = ("advbench_harmful_behaviors.csv", "alpaca_instructions.jsonl", "xstest_prompts.csv", "sst2_dev.tsv",
           "sst2_train.tsv", "gsm8k_train.jsonl")
 METHODS = ("sft", "sft_token", "constant_kl", "adaptive_probe", "adaptive_judge", "adaptive_judge_pair",
-           "adaptive_probe_drift", "adaptive_probe_cached")
-DEFAULT_METHODS = METHODS[:-1]  # adaptive_probe_cached checks the reference cache's approximation: asked for by name
+           "adaptive_probe_drift", "adaptive_probe_cached", "adaptive_probe_refusal")
+# adaptive_probe_cached checks the reference cache's approximation, adaptive_probe_refusal adds the reference's own
+# refusal probability (defence in depth): both asked for by name, so that the committed grid keeps its cells.
+DEFAULT_METHODS = METHODS[:-2]
 DEFAULT_CACHE_TOP_K = 64
-DEFENCES = ("adaptive_probe", "adaptive_judge", "adaptive_judge_pair", "adaptive_probe_drift")
+DEFENCES = ("adaptive_probe", "adaptive_judge", "adaptive_judge_pair", "adaptive_probe_drift", "adaptive_probe_refusal")
 LABELS = {"aligned": "aligned", "sft": "plain SFT", "sft_token": "plain SFT (token mean)", "constant_kl": "constant KL",
           "adaptive_probe": "adaptive (probe)",
           "adaptive_judge": "adaptive (judge, request)", "adaptive_judge_pair": "adaptive (judge, request+answer)",
           "adaptive_probe_drift": "adaptive (probe) + drift controller",
-          "adaptive_probe_cached": "adaptive (probe), reference from a top-k cache"}
+          "adaptive_probe_cached": "adaptive (probe), reference from a top-k cache",
+          "adaptive_probe_refusal": "adaptive (max of probe, reference's refusal probability)"}
 QUICK = {"canaries": 8, "task_rows": 16, "attack_rows": 4, "full_rows": 8, "other_benign": 8, "test": 8, "xstest": 8, "sst2_dev": 16,
          "epochs": 1, "epochs_full": 1, "align_harmful": 12, "align_benign": 12, "align_epochs": 1, "max_new_tokens": 8,
          "attack_max_new_tokens": 24, "seeds": [0], "estimator_task_rows": 8}
@@ -331,7 +334,8 @@ def plot(path: Path, results: dict[str, Any]) -> None:
     methods = ["aligned"] + [m for m in METHODS if any(m in row for row in summary.values())]
     colours = {"aligned": "black", "sft": "tab:red", "constant_kl": "tab:orange", "adaptive_probe": "tab:blue",
                "adaptive_judge": "tab:green", "adaptive_judge_pair": "tab:purple", "adaptive_probe_drift": "tab:cyan",
-               "sft_token": "tab:pink", "adaptive_probe_cached": "tab:olive"}
+               "sft_token": "tab:pink", "adaptive_probe_cached": "tab:olive",
+               "adaptive_probe_refusal": "tab:brown"}
     fig, ax = plt.subplots(figsize=(12, 4.8))
     width = 0.8 / len(methods)
     for i, name in enumerate(methods):
@@ -422,6 +426,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def aligned_reference(args: argparse.Namespace) -> Path:
+    """The defender's aligned reference: the quick refusal SFT of ``args.model`` on the package's first
+    ``args.align_harmful`` harmful and ``args.align_benign`` benign prompts and half the borderline ones
+    (built once, then read from the local cache; ``benchmarks/estimators.py`` reads it too)."""
+    borderline = load_demo_prompts("borderline")
+    return build_aligned_reference(
+        args.model, [r["prompt"] for r in load_demo_rows("harmful")[: args.align_harmful]],
+        load_demo_prompts("benign")[: args.align_benign] + borderline[: len(borderline) // 2],
+        AlignmentSettings(epochs=args.align_epochs, lr=5e-4,
+                          lora=LoraSettings(r=16, alpha=32, dropout=0.05, target_modules="all-linear"),
+                          max_length=args.max_length, batch_size=8, seed=0,
+                          generation_batch_size=args.generation_batch_size), progress=True)
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     out_dir = args.out_dir or (cache_root() / "zoo_quick" if args.quick else DEFAULT_OUT)
@@ -493,10 +511,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     # 1. The aligned reference.
     lora = LoraSettings(r=16, alpha=32, dropout=0.05, target_modules="all-linear")
-    reference = build_aligned_reference(
-        args.model, align_harmful, align_benign + borderline[: len(borderline) // 2],
-        AlignmentSettings(epochs=args.align_epochs, lr=5e-4, lora=lora, max_length=args.max_length, batch_size=8, seed=0,
-                          generation_batch_size=args.generation_batch_size), progress=True)
+    reference = aligned_reference(args)
     log(f"aligned reference {reference.name}")
 
     # 2. Answers written by the unaligned model (cached locally, never stored in the repository).

@@ -31,6 +31,7 @@ _EXPORTS = {
     # risk estimators and scoring
     "lightning_safety.risk.probe": ("ActivationProbe", "fit_probe"),
     "lightning_safety.risk.estimators": ("JudgeRisk", "ProbeRisk"),
+    "lightning_safety.risk.refusal": ("RefusalRisk",),
     "lightning_safety.risk.compose": ("MaxRisk", "MeanRisk"),
     "lightning_safety.risk.judges.embedding": ("EmbeddingJudge",),
     "lightning_safety.risk.judges.remote": ("HTTPJudge",),

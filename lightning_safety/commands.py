@@ -261,6 +261,8 @@ def score(
     probe: str | None = None,
     model: str | None = None,
     combine: Literal["max", "mean"] = "max",
+    refusal: bool = False,
+    refusal_openers: list[str] | None = None,
     field: str | None = None,
     include_response: bool = True,
     split: str = "train",
@@ -268,7 +270,7 @@ def score(
     limit: int | None = None,
     batch_size: int = 16,
 ) -> None:
-    """Score a dataset or a prompt list once with a judge, a probe or both; write each row's risk.
+    """Score a dataset or a prompt list once with a judge, a probe, the reference's refusal probability, or several; write each row's risk.
 
     Chat data (rows with ``messages``, ``prompt`` + ``response`` or Alpaca's ``instruction`` + ``output``)
     is scored per conversation; any other file is a prompt list: a text column (``--field``, default the
@@ -282,8 +284,11 @@ def score(
             then read instead of scoring again.
         judge: a Judge (``--judge EmbeddingJudge --judge.head ...`` or a class path).
         probe: folder of a saved activation probe (needs ``model``).
-        model: the model the probe reads (name, folder, GGUF or alias).
-        combine: with both a judge and a probe, each row's risk is their ``max`` (MaxRisk) or ``mean``.
+        model: the model the probe reads and, with ``refusal``, the safe reference (name, folder, GGUF or alias).
+        combine: with several estimators, each row's risk is their ``max`` (MaxRisk) or ``mean``.
+        refusal: add :class:`~lightning_safety.risk.RefusalRisk`: the probability that ``model`` (the safe
+            reference) starts its answer with a refusal (needs ``model``).
+        refusal_openers: the words the reference's refusals start with (default: DEFAULT_REFUSAL_OPENERS).
         field: the text column of a prompt list; given, ``data`` is read as prompts even if it holds answers.
         include_response: judges see the request with the dataset's answer (default) or alone; prompt
             lists have no answers and are judged alone.
@@ -299,12 +304,17 @@ def score(
     from lightning_safety.risk.estimators import JudgeRisk, ProbeRisk, split_conversation
     from lightning_safety.risk.scoring import score_prompts
 
-    if judge is None and probe is None:
-        raise DataError("give --judge, --probe (with --model), or both (combined by --combine max or mean)")
+    if judge is None and probe is None and not refusal:
+        raise DataError("give --judge, --probe (with --model), --refusal true (with --model), or several "
+                        "(combined by --combine max or mean)")
     if output is None and cache is None:
         raise DataError("nothing to write: give --output (a JSONL with a risk column) and/or --cache")
     if probe is not None and model is None:
         raise DataError("--probe needs --model: the model whose activations the probe reads")
+    if refusal and model is None:
+        raise DataError("--refusal needs --model: the safe reference whose refusal probability is the risk")
+    if refusal_openers is not None and not refusal:
+        raise DataError("--refusal_openers is given without --refusal true: add --refusal true, or drop the openers")
     source = PromptSource(data, field=field, split=split, name=name, limit=limit)
     rows = read_prompt_file(source)
     if field is None and _is_chat(rows[0]):
@@ -323,11 +333,16 @@ def score(
     with_answers = include_response and answers is not None
     estimators: list[Any] = []
     network = tokenizer = None
-    if probe is not None:
+    if probe is not None or refusal:
         from lightning_safety.models import load_causal_lm, load_tokenizer
 
         network, tokenizer = load_causal_lm(model), load_tokenizer(model)
+    if probe is not None:
         estimators.append(ProbeRisk(ActivationProbe.load(probe, model=network)))
+    if refusal:
+        from lightning_safety.risk.refusal import DEFAULT_REFUSAL_OPENERS, RefusalRisk
+
+        estimators.append(RefusalRisk(tokenizer, openers=refusal_openers or DEFAULT_REFUSAL_OPENERS))
     if judge is not None:
         estimators.append(JudgeRisk(judge, with_answers))
     estimator = estimators[0] if len(estimators) == 1 else (MaxRisk if combine == "max" else MeanRisk)(*estimators)

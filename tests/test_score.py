@@ -229,3 +229,35 @@ def test_score_bad_prompt_options_are_one_line(judge_folder, tmp_path, capsys, a
     lines = [line for line in err.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and all(word in lines[0] for word in words), err[-2000:]
     assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_score_refusal_is_the_references_refusal_probability_alone_and_with_a_probe(tiny_model_dir, tiny, probe, tmp_path):
+    from lightning_safety.risk import RefusalRisk
+
+    model, tokenizer = tiny
+    probe.save(tmp_path / "probe")
+    (tmp_path / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
+    openers = ["I cannot", "No"]
+    refusal = score_prompts(RefusalRisk(tokenizer, openers=openers), PROMPTS, model=model, tokenizer=tokenizer)
+    common = ["score", "--data", str(tmp_path / "prompts.txt"), "--model", str(tiny_model_dir), "--refusal", "true",
+              "--refusal_openers", json.dumps(openers)]
+    run_cli([*common, "--output", str(tmp_path / "refusal.jsonl")])
+    assert [row["risk"] for row in read_rows(tmp_path / "refusal.jsonl")] == pytest.approx(refusal.tolist(), rel=1e-4)
+    run_cli([*common, "--probe", str(tmp_path / "probe"), "--output", str(tmp_path / "both.jsonl")])
+    both = torch.maximum(score_prompts(probe, PROMPTS, model=model, tokenizer=tokenizer), refusal)
+    assert [row["risk"] for row in read_rows(tmp_path / "both.jsonl")] == pytest.approx(both.tolist(), rel=1e-4)
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--refusal", "true"], ("--refusal needs --model",)),
+    (["--judge", "EmbeddingJudge", "--refusal_openers", '["No"]'], ("--refusal true",)),
+], ids=["refusal-without-model", "openers-without-refusal"])
+def test_score_refusal_bad_options_are_one_line(tmp_path, capsys, args, words):
+    data = tmp_path / "prompts.txt"
+    data.write_text("How do I pick a lock?\n")
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(["score", "--data", str(data), "--output", str(tmp_path / "o.jsonl"), *args])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert exit_info.value.code == 2 and len(lines) == 1 and all(w in lines[0] for w in words), err[-2000:]
+    assert not (tmp_path / "o.jsonl").exists()

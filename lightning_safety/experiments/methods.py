@@ -11,6 +11,8 @@ different weight on the KL toward that reference:
 ``adaptive_judge`` the same with risk from a judge rating the request alone
 ``adaptive_judge_pair`` the same with a judge rating the (request, response) pair (the paper's Safety Critic)
 ``adaptive_max``   the same with the higher of the two risks (defence in depth)
+``adaptive_probe_refusal`` the higher of the probe's risk and the reference's own refusal probability
+                   (:class:`~lightning_safety.risk.refusal.RefusalRisk`: defence in depth)
 =================  =============================================================================
 
 Example::
@@ -33,12 +35,13 @@ from lightning_safety.experiments.recipe import fine_tune
 from lightning_safety.models import LoraSettings, load_tokenizer
 from lightning_safety.risk.compose import MaxRisk
 from lightning_safety.risk.estimators import JudgeRisk, ProbeRisk
+from lightning_safety.risk.refusal import RefusalRisk
 from lightning_safety.schedules import ConstantBeta, LinearRiskSchedule
 
 __all__ = ["METHODS", "FinetuneResult", "FinetuneSettings", "Method", "MethodError", "estimator_rates", "finetune",
            "method"]
 
-RiskKind = Literal["none", "probe", "judge", "judge_pair", "max"]
+RiskKind = Literal["none", "probe", "judge", "judge_pair", "max", "probe_refusal"]
 
 
 class MethodError(LightningSafetyError):
@@ -65,7 +68,7 @@ class Method:
 
 
 METHODS: tuple[str, ...] = ("sft", "constant_kl", "adaptive_probe", "adaptive_judge", "adaptive_judge_pair",
-                            "adaptive_max")
+                            "adaptive_max", "adaptive_probe_refusal")
 
 
 def method(name: str, beta: float | None = None) -> Method:
@@ -77,7 +80,7 @@ def method(name: str, beta: float | None = None) -> Method:
             raise MethodError(f"constant_kl needs a beta in (0, 1], got {beta!r}: pick one on a validation split")
         return Method("constant_kl", "none", float(beta))
     risks = {"adaptive_probe": "probe", "adaptive_judge": "judge", "adaptive_judge_pair": "judge_pair",
-             "adaptive_max": "max"}
+             "adaptive_max": "max", "adaptive_probe_refusal": "probe_refusal"}
     if name not in risks:
         raise MethodError(f"unknown method {name!r}: use one of {', '.join(METHODS)}")
     return Method(name, risks[name])  # type: ignore[arg-type]
@@ -154,7 +157,7 @@ class FinetuneResult:
     failures: int = 0
 
 
-def _estimator(method_: Method, probe: Any, judge: Any) -> Any:
+def _estimator(method_: Method, probe: Any, judge: Any, tokenizer: Any) -> Any:
     def need(thing: Any, what: str) -> Any:
         if thing is None:
             raise MethodError(f"{method_.name} needs a {what}: pass {what}=... to finetune")
@@ -171,6 +174,8 @@ def _estimator(method_: Method, probe: Any, judge: Any) -> Any:
         return JudgeRisk(need(judge, "judge"), include_response=True)
     if method_.risk == "max":
         return MaxRisk(ProbeRisk(need(probe, "probe")), JudgeRisk(need(judge, "judge"), include_response=False))
+    if method_.risk == "probe_refusal":
+        return MaxRisk(ProbeRisk(need(probe, "probe")), RefusalRisk(tokenizer))
     return None
 
 
@@ -194,7 +199,8 @@ def finetune(
             present, is its system prompt.
         method_: see :func:`method`.
         settings: sizes (:class:`FinetuneSettings`).
-        probe: an :class:`~lightning_safety.risk.ActivationProbe` of ``model`` (``adaptive_probe``/``max``).
+        probe: an :class:`~lightning_safety.risk.ActivationProbe` of ``model`` (``adaptive_probe``/``max``/
+            ``adaptive_probe_refusal``).
         judge: a :class:`~lightning_safety.risk.judges.Judge` (``adaptive_judge``/``judge_pair``/``max``).
         callbacks: more Lightning callbacks for the run (e.g. a
             :class:`~lightning_safety.callbacks.SafetyDriftController`: defence in depth).
@@ -206,10 +212,10 @@ def finetune(
     settings = settings or FinetuneSettings()
     if not rows:
         raise MethodError("finetune got no rows: give the attack's training rows")
-    estimator = _estimator(method_, probe, judge)
+    tokenizer = load_tokenizer(str(model))
+    estimator = _estimator(method_, probe, judge, tokenizer)
     schedule = (ConstantBeta(float(method_.beta)) if estimator is None
                 else LinearRiskSchedule(beta_min=settings.beta_min, beta_max=settings.beta_max))
-    tokenizer = load_tokenizer(str(model))
     risk_callbacks = [RiskCallback(estimator, log_stats=False)] if estimator is not None else []
     done = fine_tune(
         str(model), rows, tokenizer, schedule=schedule, lora=settings.lora, epochs=settings.epochs, lr=settings.lr,

@@ -3,6 +3,7 @@
 * :mod:`~lightning_safety.risk.probe`: activation probes on pre-generation activations.
 * :mod:`~lightning_safety.risk.judges`: Safety Critic judges (rubric LLM, guard model,
   classifier, sentence-embedding, HTTP endpoint), failing closed.
+* :mod:`~lightning_safety.risk.refusal`: the frozen reference's own probability of refusing.
 * :mod:`~lightning_safety.risk.calibration`: thresholds with a stated recall guarantee.
 * :mod:`~lightning_safety.risk.cache`: each example scored once per run.
 * :mod:`~lightning_safety.risk.scoring`: :func:`score_prompts`, any estimator on a list of prompts.
@@ -23,9 +24,11 @@ from lightning_safety.risk.judges import (
     RubricJudge,
 )
 from lightning_safety.risk.probe import ActivationProbe, fit_probe, sweep
+from lightning_safety.risk.refusal import DEFAULT_REFUSAL_OPENERS, RefusalRisk
 from lightning_safety.risk.scoring import score_prompts
 
 __all__ = [
+    "DEFAULT_REFUSAL_OPENERS",
     "RISK_FIELD",
     "ActivationProbe",
     "CalibratedThreshold",
@@ -41,6 +44,7 @@ __all__ = [
     "MaxRisk",
     "MeanRisk",
     "ProbeRisk",
+    "RefusalRisk",
     "RiskCache",
     "RiskEstimator",
     "RubricJudge",

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -60,6 +60,41 @@ def _state_digest(module: nn.Module) -> str:
     return digest.hexdigest()[:12]
 
 
+def reference_reader(
+    pl_module: nn.Module, model_attr: str | None, source: ProbeSource, what: str
+) -> tuple[nn.Module, Callable[[], contextlib.AbstractContextManager], bool]:
+    """Where an estimator reads the frozen reference (or, ``source="policy"``, the training model).
+
+    Returns ``(target, view, use_adapter)``: call ``target`` inside ``view()``; ``use_adapter`` False on a
+    PEFT ``target`` means its base is the reference (switch the adapter off around the call). Found as:
+    the module's ``reference`` when it has one, else the PEFT base with the adapter off, or the frozen
+    reference adapter under ``adapter_copy``.
+    """
+    model = find_causal_lm(pl_module, model_attr)
+    reference = getattr(pl_module, "reference", None)
+    if source == "policy":
+        target, view, use_adapter = model, contextlib.nullcontext, True
+    elif isinstance(reference, nn.Module):
+        target, view, use_adapter = reference, contextlib.nullcontext, False
+    elif is_peft_model(model) and getattr(pl_module, "reference_strategy", None) == "adapter_copy":
+        target, view, use_adapter = model, lambda: reference_adapter(model), True
+    elif is_peft_model(model):
+        target, view, use_adapter = model, contextlib.nullcontext, False  # the caller disables the adapter
+    else:
+        raise RiskError(
+            f"{what} from the reference needs a frozen reference (a `reference` module, or a LoRA policy "
+            "whose base is the reference): give the module a reference" + (
+                ", or use source='policy'" if what == "probe risk" else "")
+        )
+    if is_fsdp1(target) and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        # Callbacks run outside the FSDP1 root's forward, where its flat weights stay sharded.
+        raise RiskError(
+            f"{what} on FSDP1-wrapped weights (FSDPStrategy) is not supported: train with FSDP2 "
+            "(ModelParallelStrategy), or score the data first (`lightning-safety score`) and train from its risk column"
+        )
+    return target, view, use_adapter
+
+
 class ProbeRisk(RiskEstimator):
     """Risk = an activation probe's harmful probability from the prompt's pre-generation activations.
 
@@ -97,27 +132,7 @@ class ProbeRisk(RiskEstimator):
     def setup(self, pl_module: nn.Module) -> None:
         if self.taps is not None:
             return
-        model = find_causal_lm(pl_module, self.model_attr)
-        reference = getattr(pl_module, "reference", None)
-        if self.source == "policy":
-            target, view, use_adapter = model, contextlib.nullcontext, True
-        elif isinstance(reference, nn.Module):
-            target, view, use_adapter = reference, contextlib.nullcontext, False
-        elif is_peft_model(model) and getattr(pl_module, "reference_strategy", None) == "adapter_copy":
-            target, view, use_adapter = model, lambda: reference_adapter(model), True
-        elif is_peft_model(model):
-            target, view, use_adapter = model, contextlib.nullcontext, False  # the probe disables the adapter
-        else:
-            raise RiskError(
-                "probe source 'reference' needs a frozen reference (a `reference` module, or a LoRA policy "
-                "whose base is the reference): use source='policy' or give the module a reference"
-            )
-        if is_fsdp1(target) and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-            # Callbacks run outside the FSDP1 root's forward, where its flat weights stay sharded.
-            raise RiskError(
-                "probe risk on FSDP1-wrapped weights (FSDPStrategy) is not supported: train with FSDP2 "
-                "(ModelParallelStrategy), or score the data first (`lightning-safety score`) and train from its risk column"
-            )
+        target, view, use_adapter = reference_reader(pl_module, self.model_attr, self.source, what="probe risk")
         self.probe.check_model(target)
         self.taps = LayerTaps.for_model(target, self.probe.layers)
         self._target, self._view, self._use_adapter = target, view, use_adapter

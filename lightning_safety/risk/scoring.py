@@ -21,6 +21,7 @@ from lightning_safety.risk.base import ConstantRisk, RiskEstimator, check_risk
 from lightning_safety.risk.estimators import JudgeRisk, ProbeRisk
 from lightning_safety.risk.judges.base import Judge
 from lightning_safety.risk.probe import ActivationProbe
+from lightning_safety.risk.refusal import RefusalRisk
 
 Estimator = RiskEstimator | Judge | ActivationProbe
 
@@ -49,7 +50,7 @@ def score_prompts(
     Args:
         estimator: a :class:`~lightning_safety.risk.judges.Judge`, an
             :class:`~lightning_safety.risk.probe.ActivationProbe` (read as ``ProbeRisk(probe)``), or any
-            :class:`~lightning_safety.risk.RiskEstimator`: ``JudgeRisk``, ``ProbeRisk``, ``MaxRisk`` /
+            :class:`~lightning_safety.risk.RiskEstimator`: ``JudgeRisk``, ``ProbeRisk``, ``RefusalRisk``, ``MaxRisk`` /
             ``MeanRisk`` of them, ``ConstantRisk``, your own.
         prompts: the requests, each scored as one user turn.
         model: the model a probe reads (the one it was trained on; a PEFT model is read with its
@@ -130,9 +131,12 @@ def _estimator_scores(
         raise RiskError(
             f"{type(readers[0]).__name__} reads the prompts' tokens: pass tokenizer= (the tokenizer of the model it reads)"
         )
-    ready = {id(leaf) for leaf in parts if isinstance(leaf, ProbeRisk) and leaf.taps is not None}  # a callback's
+    ready = {id(leaf) for leaf in parts if (isinstance(leaf, ProbeRisk) and leaf.taps is not None)
+             or (isinstance(leaf, RefusalRisk) and leaf.is_set_up)}  # set up by a callback already
     if model is None and any(isinstance(leaf, ProbeRisk) and id(leaf) not in ready for leaf in parts):
         raise RiskError("ProbeRisk reads a model's activations: pass model= (the model the probe was trained on)")
+    if model is None and any(isinstance(leaf, RefusalRisk) and id(leaf) not in ready for leaf in parts):
+        raise RiskError("RefusalRisk reads the reference's next-token probabilities: pass model= (the safe reference)")
     conversations = [[{"role": "user", "content": prompt}] for prompt in prompts]
     if responses is not None:
         for messages, response in zip(conversations, responses):
