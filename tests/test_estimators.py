@@ -102,8 +102,17 @@ def test_estimators_benchmark_quick_on_the_tiny_model(tmp_path, shared_data):
     assert result["mix_sizes"]["after_framed"] == {"harmful": 720, "benign": 912}
     mixes = ("base", "before", "pairs", "after", "before_framed", "pairs_framed", "after_framed", "after_framed120")
     rows = {(row["label"].split(" (")[0], row["mix"]) for row in result["headline"]}
+    refusal, both = "refusal probability", "max(probe default, refusal probability"
     assert rows == {("probe, default", m) for m in mixes} | {
-        ("probe, chosen", m) for m in ("before", "after", "after_framed")} | {("EmbeddingJudge", m) for m in mixes}
+        ("probe, chosen", m) for m in ("before", "after", "after_framed")} | {("EmbeddingJudge", m) for m in mixes} | {
+        (refusal, "before")} | {(both, m) for m in ("before", "after", "after_framed")}
+    # MaxRisk only raises a probability: recall and FPR at 0.5 of the max are at least the probe's on every split
+    by = {(row["label"].split(" (")[0], row["mix"]): row["result"] for row in result["headline"]}
+    for mix in ("before", "after", "after_framed"):
+        for split in ("advbench_alpaca", "xstest", "zoo_frames"):
+            for key in ("recall", "fpr"):
+                assert by[(both, mix)][split][key] >= by[("probe, default", mix)][split][key]
+                assert by[(both, mix)][split][key] >= by[(refusal, "before")][split][key]
     for row in result["headline"]:
         r = row["result"]
         assert set(r["loco"]["by_category"]) == set(harm_categories())
@@ -119,8 +128,8 @@ def test_estimators_benchmark_quick_on_the_tiny_model(tmp_path, shared_data):
         assert lo <= hi
     assert any(c["features"] + ", logistic" in result["chosen_features"] for c in result["candidates"])
     assert [c["weight_decay"] for c in result["judge_candidates"]] == [0.01, 0.1, 1.0, 10.0]
-    # after - before, after_framed - after, after_framed - before for three estimators, after - pairs for two
-    assert len(result["differences"]) == 11
+    # after - before, after_framed - after, after_framed - before for four estimators, after - pairs for two
+    assert len(result["differences"]) == 14
     text = (out / "estimators.md").read_text()
     assert "## AUROC by split" in text and "| EmbeddingJudge (all-MiniLM-L6-v2) | `after` |" in text
     assert "## Disguised requests: the attack zoo's frames (never trained on)" in text
