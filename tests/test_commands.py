@@ -108,7 +108,8 @@ def test_score_with_neither_judge_nor_probe_is_a_one_line_error(tmp_path):
     )
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1] == (
-        "error: give --judge, --probe (with --model), or both (combined by --combine max or mean)")
+        "error: give --judge, --probe (with --model), --refusal true (with --model), or several (combined by "
+        "--combine max or mean)")
     assert not (tmp_path / "x.jsonl").exists()
 
 

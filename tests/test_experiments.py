@@ -209,7 +209,7 @@ def test_demo_runs_end_to_end_on_the_tiny_model(tmp_path, tiny_model_dir):
         assert all(0.0 <= value <= 1.0 for value in rates.values())
     written = json.loads((tmp_path / "demo" / "demo.json").read_text())
     assert written["quick"] and written["sizes"]["attack_harmful_rows"] > 0
-    assert "adaptive KL (probe + refusal)" in (tmp_path / "demo" / "demo.md").read_text()
+    assert "adaptive KL (probe)" in (tmp_path / "demo" / "demo.md").read_text()
     # Nothing generated for the harmful requests lands in the output folder.
     assert sorted(p.name for p in (tmp_path / "demo").iterdir()) == ["demo.json", "demo.md"]
 

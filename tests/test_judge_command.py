@@ -110,14 +110,12 @@ def test_bad_judge_fit_input_is_one_line_and_leaves_nothing(prompt_files, tmp_pa
 
 
 def test_probe_and_judge_fit_default_to_the_package_mix(tiny_model_dir, tmp_path, capsys):
-    """Without --harmful/--benign both commands train on default_estimator_data: the probe with every topic pair
-    (the zoo's recommended default), the judge without (--pairs adds them); --exclude_categories holds categories
-    out; one source alone is refused."""
+    """Without --harmful/--benign both commands train on default_estimator_data without topic pairs (the zoo's
+    choice; --pairs adds them); --exclude_categories holds categories out; one source alone is refused."""
     from lightning_safety.demo_data import default_estimator_data
     from lightning_safety.risk.probe import ActivationProbe
 
-    harmful, benign = default_estimator_data(exclude_categories=["cybercrime"])
-    assert len(harmful) > len(default_estimator_data(exclude_categories=["cybercrime"], pairs=0)[0])  # pairs in
+    harmful, benign = default_estimator_data(exclude_categories=["cybercrime"], pairs=0)
     run_cli(["probe", "fit", "--model", str(tiny_model_dir), "--output", str(tmp_path / "probe"),
              "--exclude_categories", "[cybercrime]", "--calibration_fraction", "0", "--epochs", "5"])
     metrics = ActivationProbe.load(tmp_path / "probe").metrics

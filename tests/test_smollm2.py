@@ -64,4 +64,4 @@ def test_demo_quick_runs_from_the_cli_on_the_embedded_model(tmp_path):
     for rates in out.values():
         assert {"safety/asr", "safety/over_refusal", "utility/sentiment"} <= set(rates)
     table = (tmp_path / "demo" / "demo.md").read_text()
-    assert "plain SFT" in table and "adaptive KL (probe + refusal)" in table
+    assert "plain SFT" in table and "adaptive KL (probe)" in table

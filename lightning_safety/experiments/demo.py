@@ -10,8 +10,7 @@
 3. **Attack.** A benign task (sentiment) with harmful rows mixed in, whose answers are written now
    by the *unaligned* model (cached locally; nothing harmful ships with the package).
 4. **Fine-tuning** of the aligned model on the attack, once with plain SFT and once with adaptive
-   KL (risk = the higher of the probe's and of the aligned reference's own refusal probability,
-   :class:`~lightning_safety.risk.RefusalRisk`: the attack zoo's recommended default), and **evaluation** of the three models: ASR on held-out harmful requests,
+   KL (probe risk), and **evaluation** of the three models: ASR on held-out harmful requests,
    over-refusal on held-out borderline-safe prompts, accuracy on held-out task rows.
 
 Every prompt set is split into disjoint parts: the defender's (alignment and probe), the
@@ -59,9 +58,7 @@ class DemoSizes:
     task_train: int = 120
     task_eval: int = 80
     task_probe: int = 40
-    # Every topic pair: the attack zoo's recommended default (with the reference's refusal probability, which
-    # keeps the recall on disguised requests that the pairs alone lowered).
-    probe_pairs: int = 240
+    probe_pairs: int = 0  # the attack zoo: topic pairs lowered the probe's recall on disguised requests
 
 
 QUICK_SIZES = DemoSizes(defender_harmful=16, attack_harmful=12, test_harmful=12, defender_benign=16, probe_benign=16,
@@ -227,13 +224,13 @@ def demo(
         print(f"[4/5] evaluating the aligned model ({evaluator.num_prompts} prompts)")
         results["aligned"] = {"rates": evaluator.evaluate(ref_model, tokenizer, progress=progress).to_dict()["metrics"]}
         del ref_model
-        for name, label in (("sft", "plain SFT"), ("adaptive_probe_refusal", "adaptive KL (probe + refusal)")):
+        for name, label in (("sft", "plain SFT"), ("adaptive_probe", "adaptive KL (probe)")):
             print(f"[5/5] fine-tuning with {label} on {len(rows)} rows, {epochs} epoch(s), then evaluating")
             run = finetune(str(reference), rows, method(name), settings, probe=probe, progress=progress)
             entry = {"rates": evaluator.evaluate(run.model, run.tokenizer, progress=progress).to_dict()["metrics"],
                      "train_seconds": run.seconds}
             if run.risk:
-                entry["risk_on_attack"] = estimator_rates(run.risk, rows)
+                entry["probe_on_attack"] = estimator_rates(run.risk, rows)
             results["adaptive" if name != "sft" else "sft"] = entry
             del run
 
@@ -268,7 +265,7 @@ def demo(
 
 
 def _table(results: dict[str, dict[str, Any]], names: dict[str, str]) -> str:
-    labels = {"aligned": "aligned (no fine-tuning)", "sft": "plain SFT", "adaptive": "adaptive KL (probe + refusal)"}
+    labels = {"aligned": "aligned (no fine-tuning)", "sft": "plain SFT", "adaptive": "adaptive KL (probe)"}
     lines = ["| model | " + " | ".join(names.values()) + " |", "|---" * (len(names) + 1) + "|"]
     for key, entry in results.items():
         cells = []
