@@ -23,7 +23,8 @@ SUBCOMMANDS: tuple[tuple[str, str], ...] = (
     ("probe fit", "Train an activation probe on harmful vs benign prompts and save it (safetensors + JSON)."),
     ("probe sweep", "Probe quality for every layer and pooling: a markdown table, JSON and a PNG plot."),
     ("judge fit", "Train an EmbeddingJudge head on harmful vs benign prompts and save it (for --judge.head)."),
-    ("score", "Score a dataset or a prompt list once with a judge, a probe or both; write each row's risk."),
+    ("score", "Score a dataset or a prompt list once with a judge, a probe, the reference's refusal probability, "
+              "or several; write each row's risk."),
     ("evaluate", "Evaluate a model's safety and utility; write metrics.json, summary.md, samples and plots."),
     ("demo", "Align a small model, attack it by fine-tuning, defend it with adaptive KL; print a table."),
     ("export", "Export a SafeFineTuning checkpoint for inference: a Hugging Face folder, or a PEFT adapter."),
