@@ -222,3 +222,18 @@ def test_demo_refuses_bad_options_before_any_work(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(DataError, match="is a file"):
         demo(output=str(tmp_path / "file"))
+
+
+def test_adaptive_probe_refusal_trains_on_the_higher_of_probe_and_reference_refusal(tiny_model_dir, tiny_probe):
+    """The zoo's adaptive_probe_refusal: each row's risk is max(probe, the starting model's refusal probability)."""
+    from lightning_safety.risk import ProbeRisk, RefusalRisk, score_prompts
+
+    data = mix_attack(rows(BENIGN, "A fact.", False), rows(HARMFUL, "Sure, here it is.", True), 0.25, 0)
+    run = finetune(TINY, data, method("adaptive_probe_refusal"), FinetuneSettings(epochs=1, lr=1e-2, batch_size=4),
+                   probe=tiny_probe)
+    model, tokenizer = load_causal_lm(TINY), load_tokenizer(TINY)
+    prompts = [r["prompt"] for r in data]
+    expected = torch.maximum(score_prompts(ProbeRisk(tiny_probe), prompts, model=model, tokenizer=tokenizer),
+                             score_prompts(RefusalRisk(tokenizer), prompts, model=model, tokenizer=tokenizer))
+    got = torch.tensor([run.risk[r["id"]] for r in data])
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
