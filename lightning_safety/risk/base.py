@@ -58,6 +58,14 @@ class RiskEstimator(ABC):
 
     cacheable: bool = False
     failures: int = 0
+    reads_model: str | None = None
+    """What the estimator reads of the model it is set up on, for the error when there is none (e.g.
+    "a model's activations: pass model= (...)"); None: it reads no model (judges, constants)."""
+
+    @property
+    def is_set_up(self) -> bool:
+        """True between :meth:`setup` and :meth:`teardown` when :meth:`setup` resolved something."""
+        return False
 
     @property
     def collective(self) -> bool:

@@ -137,10 +137,16 @@ class ProbeRisk(RiskEstimator):
         self.taps = LayerTaps.for_model(target, self.probe.layers)
         self._target, self._view, self._use_adapter = target, view, use_adapter
 
+    reads_model = "a model's activations: pass model= (the model the probe was trained on)"
+
     def teardown(self) -> None:
         if self.taps is not None:
             self.taps.remove()
         self.taps, self._target = None, None
+
+    @property
+    def is_set_up(self) -> bool:  # type: ignore[override]
+        return self.taps is not None
 
     @property
     def collective(self) -> bool:  # type: ignore[override]

@@ -219,6 +219,7 @@ class RefusalRisk(RiskEstimator):
     """
 
     cacheable = True
+    reads_model = "the reference's next-token probabilities: pass model= (the safe reference)"
 
     def __init__(
         self,
@@ -260,8 +261,7 @@ class RefusalRisk(RiskEstimator):
         self._target, self._view = None, contextlib.nullcontext
 
     @property
-    def is_set_up(self) -> bool:
-        """True between :meth:`setup` and :meth:`teardown` (the reference is resolved)."""
+    def is_set_up(self) -> bool:  # type: ignore[override]
         return self._target is not None
 
     @property

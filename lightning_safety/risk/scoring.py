@@ -21,7 +21,6 @@ from lightning_safety.risk.base import ConstantRisk, RiskEstimator, check_risk
 from lightning_safety.risk.estimators import JudgeRisk, ProbeRisk
 from lightning_safety.risk.judges.base import Judge
 from lightning_safety.risk.probe import ActivationProbe
-from lightning_safety.risk.refusal import RefusalRisk
 
 Estimator = RiskEstimator | Judge | ActivationProbe
 
@@ -131,12 +130,10 @@ def _estimator_scores(
         raise RiskError(
             f"{type(readers[0]).__name__} reads the prompts' tokens: pass tokenizer= (the tokenizer of the model it reads)"
         )
-    ready = {id(leaf) for leaf in parts if (isinstance(leaf, ProbeRisk) and leaf.taps is not None)
-             or (isinstance(leaf, RefusalRisk) and leaf.is_set_up)}  # set up by a callback already
-    if model is None and any(isinstance(leaf, ProbeRisk) and id(leaf) not in ready for leaf in parts):
-        raise RiskError("ProbeRisk reads a model's activations: pass model= (the model the probe was trained on)")
-    if model is None and any(isinstance(leaf, RefusalRisk) and id(leaf) not in ready for leaf in parts):
-        raise RiskError("RefusalRisk reads the reference's next-token probabilities: pass model= (the safe reference)")
+    ready = {id(leaf) for leaf in parts if leaf.is_set_up}  # set up by a callback already: used as it is
+    unready = [leaf for leaf in parts if leaf.reads_model and id(leaf) not in ready]
+    if model is None and unready:
+        raise RiskError(f"{type(unready[0]).__name__} reads {unready[0].reads_model}")
     conversations = [[{"role": "user", "content": prompt}] for prompt in prompts]
     if responses is not None:
         for messages, response in zip(conversations, responses):
