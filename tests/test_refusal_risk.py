@@ -7,6 +7,8 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch import nn
 
 from lightning_safety.callbacks import RiskCallback
 from lightning_safety.data import ChatSFTDataModule
@@ -150,3 +152,73 @@ def test_max_with_a_probe_takes_the_higher_risk(tiny_model_dir, tiny):
     both = score_prompts(MaxRisk(ProbeRisk(probe), refusal), PROMPTS, model=model, tokenizer=tokenizer)
     parts = [score_prompts(e, PROMPTS, model=model, tokenizer=tokenizer) for e in (ProbeRisk(probe), refusal)]
     torch.testing.assert_close(both, torch.maximum(*parts))
+
+
+def test_a_resumed_fit_restores_the_scores_from_the_checkpoint(tiny_model_dir, tiny, tmp_path):
+    """The callback's state is filed under what the estimator knows before setup (the reference's
+    fingerprint joins its namespace only at setup): a resumed run finds it and scores nothing twice."""
+    _, tokenizer = tiny
+
+    def fit(callback: RiskCallback, **kwargs) -> ChatSFTDataModule:
+        L.seed_everything(0)
+        module = SafeFineTuning(str(tiny_model_dir), lora=LoraSettings(r=4, dropout=0.0))
+        data = ChatSFTDataModule(train=str(TINY_DATA), tokenizer=str(tiny_model_dir), batch_size=4)
+        trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                            default_root_dir=tmp_path, callbacks=[callback, *kwargs.pop("extra", [])],
+                            enable_checkpointing=True, **{k: v for k, v in kwargs.items() if k != "ckpt_path"})
+        trainer.fit(module, datamodule=data, ckpt_path=kwargs.get("ckpt_path"))
+        return data
+
+    first = RiskCallback(RefusalRisk(tokenizer, openers=["I cannot", "No"]))
+    saver = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=3, save_top_k=-1, filename="{step}")
+    fit(first, max_epochs=-1, max_steps=3, extra=[saver])
+    assert first.scored == 12  # three batches of four
+    stored = torch.load(tmp_path / "step=3.ckpt", weights_only=False)["callbacks"]
+    assert len(stored[first.state_key]["cache"]["scores"]) == 12
+
+    resumed = RiskCallback(RefusalRisk(tokenizer, openers=["I cannot", "No"]))
+    data = fit(resumed, max_epochs=2, ckpt_path=tmp_path / "step=3.ckpt")
+    # Two epochs see every row; only those the first run had not scored are scored now.
+    assert resumed.scored == len(data.train_ids) - 12
+    assert len(resumed.cache) == len(data.train_ids)
+
+
+def test_under_adapter_copy_the_reference_adapter_is_read_and_named(tiny_model_dir, tiny, tmp_path):
+    """With a starting adapter the reference is the base plus that adapter's frozen copy: the risk is
+    its refusal probability, and another starting adapter gives another namespace (no stale cache)."""
+    base, tokenizer = tiny
+    names = []
+    for std in (0.5, 0.8):
+        torch.manual_seed(0)
+        adapted = SafeFineTuning(str(tiny_model_dir), lora=LoraSettings(r=4, dropout=0.0))
+        adapted.configure_model()
+        for name, parameter in adapted.policy.named_parameters():
+            if "lora_B" in name:
+                nn.init.normal_(parameter, std=std)  # a trained, non-trivial starting adapter
+        adapted.policy.save_pretrained(tmp_path / f"adapter{std}")
+        module = SafeFineTuning(str(tiny_model_dir), adapter=str(tmp_path / f"adapter{std}"))
+        module.configure_model()
+        assert module.reference_strategy == "adapter_copy"
+        estimator = RefusalRisk(tokenizer, openers=["I cannot", "No"])
+        estimator.setup(module)
+        names.append(estimator.namespace)
+        ids = rendered(tokenizer, PROMPTS)
+        risk = estimator(_batch(ids))
+        estimator.teardown()
+        with torch.no_grad():
+            expected = refusal_probability(adapted.policy, ids, estimator.opener_ids)
+            of_base = refusal_probability(base, ids, estimator.opener_ids)
+        torch.testing.assert_close(risk, expected, rtol=1e-4, atol=1e-6)
+        assert float((risk.log() - of_base.log()).abs().max()) > 1e-2  # not the base alone
+    assert names[0] != names[1] and names[0].split(":")[:2] == names[1].split(":")[:2]
+
+
+def _batch(prompts: list[list[int]]) -> dict:
+    """A right-padded batch holding the prompts alone (prompt_length = each prompt's length)."""
+    width = max(len(p) for p in prompts)
+    input_ids = torch.zeros(len(prompts), width, dtype=torch.long)
+    mask = torch.zeros(len(prompts), width, dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        input_ids[row, : len(prompt)] = torch.tensor(prompt)
+        mask[row, : len(prompt)] = 1
+    return {"input_ids": input_ids, "attention_mask": mask, "prompt_length": torch.tensor([len(p) for p in prompts])}

@@ -89,7 +89,8 @@ class RiskCallback(L.Callback):
 
     @property
     def state_key(self) -> str:
-        return f"{type(self).__name__}[{self.estimator.namespace}]"
+        # Read before setup on resume: only what the estimator knows at construction.
+        return f"{type(self).__name__}[{self.estimator.checkpoint_namespace}]"
 
     # ------------------------------------------------------------------ lifecycle
     def _activate(self, pl_module: L.LightningModule) -> None:

@@ -84,6 +84,17 @@ class RiskEstimator(ABC):
         """
         return f"{type(self).__name__}:{_settings_digest(self)}"
 
+    @property
+    def checkpoint_namespace(self) -> str:
+        """The part of :attr:`namespace` known before :meth:`setup`, which a callback files its
+        checkpointed state under: a resumed run reads that state before the estimator is set up.
+
+        Default: :attr:`namespace`. An estimator whose namespace grows at setup (``RefusalRisk`` adds
+        the reference's fingerprint) returns what it knows at construction; the whole namespace is
+        still checked when the restored state is applied, so a changed reference is refused.
+        """
+        return self.namespace
+
     def setup(self, pl_module: nn.Module) -> None:
         """Resolve models and register hooks (called by callbacks in ``on_fit_start`` etc.)."""
 

@@ -26,6 +26,10 @@ class _Combined(RiskEstimator):
         return f"{self.reduce_name}(" + ",".join(e.namespace for e in self.estimators) + ")"
 
     @property
+    def checkpoint_namespace(self) -> str:
+        return f"{self.reduce_name}(" + ",".join(e.checkpoint_namespace for e in self.estimators) + ")"
+
+    @property
     def failures(self) -> int:  # type: ignore[override]
         return sum(e.failures for e in self.estimators)
 

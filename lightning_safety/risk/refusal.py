@@ -34,9 +34,11 @@ from lightning_safety.data.padding import pad_batch
 from lightning_safety.distributed import is_sharded
 from lightning_safety.errors import RiskError
 from lightning_safety.models import eval_mode, is_peft_model, load_tokenizer
+from lightning_safety.reference import REFERENCE_ADAPTER
 from lightning_safety.risk.base import RiskEstimator, _settings_digest
 from lightning_safety.risk.estimators import reference_reader
 from lightning_safety.risk.judges.causal import accepts_argument
+from lightning_safety.risk.probe.artifact import adapter_fingerprint, model_fingerprint
 
 __all__ = ["DEFAULT_REFUSAL_OPENERS", "RefusalRisk", "opener_sequences", "refusal_probability"]
 
@@ -244,18 +246,22 @@ class RefusalRisk(RiskEstimator):
     @property
     def namespace(self) -> str:
         # The scores depend on the reference's weights: its fingerprint joins the settings once set up.
-        return f"refusal:{_settings_digest(self)}:{self._reference_id}"
+        return f"{self.checkpoint_namespace}:{self._reference_id}"
+
+    @property
+    def checkpoint_namespace(self) -> str:
+        return f"refusal:{_settings_digest(self)}"
 
     def setup(self, pl_module: nn.Module) -> None:
         if self._target is not None:
             return
-        from lightning_safety.risk.probe.artifact import model_fingerprint
-
         target, view, use_adapter = reference_reader(pl_module, self.model_attr, "reference", what="refusal risk")
         if not use_adapter and is_peft_model(target):
             view = target.disable_adapter  # the PEFT base is the reference
         self._target, self._view = target, view
         self._reference_id = model_fingerprint(target)[:12]
+        if use_adapter and is_peft_model(target):  # adapter_copy: the reference is the base + its own adapter
+            self._reference_id += ":" + adapter_fingerprint(target, REFERENCE_ADAPTER)[:12]
 
     def teardown(self) -> None:
         self._target, self._view = None, contextlib.nullcontext

@@ -84,15 +84,33 @@ def model_fingerprint(model: nn.Module) -> str:
         if clean is None:
             continue
         hasher.update(f"{clean}:{tuple(parameter.shape)};".encode())
-        if parameter.is_meta or parameter.numel() == 0:
-            continue
-        value = parameter.detach()
-        if hasattr(value, "full_tensor"):  # a sharded DTensor (FSDP2): every rank gathers it together
-            value = value.full_tensor()
-        flat = value.reshape(-1)
-        sample = torch.cat([flat[:_SAMPLE], flat[-_SAMPLE:]]).to("cpu", torch.bfloat16).float()
-        hasher.update(repr(sample.tolist()).encode())
+        _hash_sample(hasher, parameter)
     return hasher.hexdigest()
+
+
+def adapter_fingerprint(model: nn.Module, adapter_name: str) -> str:
+    """sha256 hex of one PEFT adapter's parameter names, shapes and sampled values (as in
+    :func:`model_fingerprint`, which skips adapters): e.g. the frozen ``reference`` adapter a run
+    under ``adapter_copy`` reads. A model without that adapter hashes nothing. Collective under FSDP2.
+    """
+    hasher = hashlib.sha256()
+    for name, parameter in model.named_parameters():
+        if f".{adapter_name}." in name:
+            hasher.update(f"{name}:{tuple(parameter.shape)};".encode())
+            _hash_sample(hasher, parameter)
+    return hasher.hexdigest()
+
+
+def _hash_sample(hasher: Any, parameter: Tensor) -> None:
+    """Add the first and last ``_SAMPLE`` values of ``parameter`` (rounded to bfloat16) to ``hasher``."""
+    if parameter.is_meta or parameter.numel() == 0:
+        return
+    value = parameter.detach()
+    if hasattr(value, "full_tensor"):  # a sharded DTensor (FSDP2): every rank gathers it together
+        value = value.full_tensor()
+    flat = value.reshape(-1)
+    sample = torch.cat([flat[:_SAMPLE], flat[-_SAMPLE:]]).to("cpu", torch.bfloat16).float()
+    hasher.update(repr(sample.tolist()).encode())
 
 
 def model_structure(model: nn.Module) -> tuple[int, int]:
@@ -289,6 +307,7 @@ __all__ = [
     "PROBE_VERSION",
     "WEIGHTS_FILE",
     "ActivationProbe",
+    "adapter_fingerprint",
     "model_fingerprint",
     "model_structure",
 ]
