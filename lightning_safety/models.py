@@ -368,6 +368,12 @@ def is_peft_model(model: nn.Module) -> bool:
     return hasattr(model, "peft_config") and hasattr(model, "disable_adapter")
 
 
+def accepts_argument(module: nn.Module, argument: str) -> bool:
+    """True when the model's (or, for a PEFT model, its base model's) ``forward`` takes ``argument``."""
+    base = module.get_base_model() if hasattr(module, "get_base_model") else module
+    return argument in inspect.signature(base.forward).parameters
+
+
 @contextlib.contextmanager
 def eval_mode(model: nn.Module) -> Iterator[None]:
     """Switch every submodule to eval (dropout off) and restore each one's own flag afterwards."""

@@ -4,7 +4,8 @@ Two kinds:
 
 * ``classification`` (SST-2 preset): each prompt has one of a few label words. Scored by default
   from the model's log-likelihood of each label word as the start of its answer (``scoring="logits"``:
-  one forward per (prompt, label), no parsing of free text, stable for small models), or from a
+  one forward per prompt, the label words read from its KV cache, no parsing of free text, stable
+  for small models), or from a
   short generation whose first label word is the prediction (``scoring="generation"``; no label word
   = wrong). Small models often prefer one label whatever the input (SmolLM2-135M-Instruct answers
   "positive" to every SST-2 sentence: accuracy = the share of positive labels, which says nothing).
@@ -24,12 +25,11 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from lightning_safety.continuation import continuation_log_probs
 from lightning_safety.data.formatting import render_ids, resolve_pad_token_id
-from lightning_safety.data.padding import pad_batch
 from lightning_safety.data.sources import load_records
 from lightning_safety.errors import DataError
 from lightning_safety.evaluation.generation import GenerationSettings, prompt_messages
-from lightning_safety.models import eval_mode
 
 SST2_TEMPLATE = (
     "Is the sentiment of this movie review positive or negative?\n\nReview: {text}\n\n"
@@ -190,36 +190,27 @@ def label_log_likelihoods(
     """float32 [N, C]: log P(label_c starts the answer | prompt_n) under the chat template.
 
     A label's score is the log-sum-exp over its spellings (``positive``, ``Positive``), so the
-    prediction does not hinge on capitalisation. Sequences are right-padded (positions stay
-    natural) and run ``settings.batch_size`` at a time.
+    prediction does not hinge on capitalisation. Each prompt runs once and every spelling is read
+    from its KV cache (:func:`~lightning_safety.continuation.continuation_log_probs`),
+    ``settings.batch_size`` prompts at a time.
     """
     settings = settings or GenerationSettings()
-    variants = [_label_variants(label) for label in labels]
-    label_ids = [[tokenizer(v, add_special_tokens=False)["input_ids"] for v in group] for group in variants]
-    pad_id = resolve_pad_token_id(tokenizer)
-    device = next(model.parameters()).device
-    sequences: list[tuple[int, int, list[int], int]] = []  # (prompt, label, ids, prompt length)
-    for n, prompt in enumerate(prompts):
-        prefix = render_ids(
-            prompt_messages(prompt, settings.system_prompt), tokenizer, add_generation_prompt=True,
-            chat_template=settings.chat_template,
-        )
-        for c, group in enumerate(label_ids):
-            for ids in group:
-                sequences.append((n, c, prefix + list(ids), len(prefix)))
-    per_variant = torch.full((len(sequences),), float("-inf"))
-    with eval_mode(model):
-        for start in range(0, len(sequences), settings.batch_size):
-            chunk = sequences[start : start + settings.batch_size]
-            logits = model(**pad_batch([item[2] for item in chunk], pad_id, device=device)).logits.float()
-            log_probs = torch.log_softmax(logits, dim=-1).cpu()
-            for i, (_, _, row, prompt_length) in enumerate(chunk):
-                positions = torch.arange(prompt_length - 1, len(row) - 1)
-                targets = torch.tensor(row[prompt_length:])
-                per_variant[start + i] = log_probs[i, positions, targets].sum()
+    spellings: list[list[int]] = []  # every spelling of every label, as token ids
+    owner: list[int] = []  # the label each spelling belongs to
+    for c, label in enumerate(labels):
+        for variant in _label_variants(label):
+            spellings.append(list(tokenizer(variant, add_special_tokens=False)["input_ids"]))
+            owner.append(c)
+    prefixes = [
+        render_ids(prompt_messages(prompt, settings.system_prompt), tokenizer, add_generation_prompt=True,
+                   chat_template=settings.chat_template)
+        for prompt in prompts
+    ]
+    per_spelling = continuation_log_probs(model, prefixes, spellings, pad_id=resolve_pad_token_id(tokenizer),
+                                          prompts_per_forward=settings.batch_size)  # [N, S]
     scores = torch.full((len(prompts), len(labels)), float("-inf"))
-    for (n, c, _, _), value in zip(sequences, per_variant):
-        scores[n, c] = torch.logaddexp(scores[n, c], value)
+    for s, c in enumerate(owner):
+        scores[:, c] = torch.logaddexp(scores[:, c], per_spelling[:, s])
     return scores
 
 

@@ -30,14 +30,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_safety.data.padding import pad_batch
+from lightning_safety.continuation import continuation_log_probs
 from lightning_safety.distributed import is_sharded
 from lightning_safety.errors import RiskError
-from lightning_safety.models import eval_mode, is_peft_model, load_tokenizer
+from lightning_safety.models import is_peft_model, load_tokenizer
 from lightning_safety.reference import REFERENCE_ADAPTER
 from lightning_safety.risk.base import RiskEstimator, _settings_digest
 from lightning_safety.risk.estimators import reference_reader
-from lightning_safety.risk.judges.causal import accepts_argument
 from lightning_safety.risk.probe.artifact import adapter_fingerprint, model_fingerprint
 
 __all__ = ["DEFAULT_REFUSAL_OPENERS", "RefusalRisk", "opener_sequences", "refusal_probability"]
@@ -114,89 +113,10 @@ def refusal_probability(
         return torch.zeros(0)
     if any(len(p) == 0 for p in prompts):
         raise RiskError("a prompt has no tokens: every row needs its request before the answer")
-    parameter = next(model.parameters(), None)
-    device = parameter.device if parameter is not None else torch.device("cpu")
-    keep = accepts_argument(model, "logits_to_keep")
-    per_chunk = max(1, rows_per_forward // len(openers))
-    log_probs = []
-    with eval_mode(model):
-        for start in range(0, len(prompts), per_chunk):
-            chunk = prompts[start : start + per_chunk]
-            scored = _with_prompt_cache(model, chunk, openers, pad_id, device, keep) if reuse_prompt else None
-            if scored is None:
-                scored = _one_sequence_per_opener(model, chunk, openers, pad_id, device, keep)
-            log_probs.append(scored)
-    return torch.cat(log_probs).exp().sum(dim=1).clamp(0.0, 1.0)
-
-
-def _gather(log_probs: Tensor, tokens: Tensor, lengths: Tensor) -> Tensor:
-    """Sum over t < lengths of log_probs[n, t, tokens[n, t]]: [N, L, V], [N, L], [N] -> [N]."""
-    picked = log_probs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
-    valid = torch.arange(tokens.shape[1], device=tokens.device) < lengths.unsqueeze(1)
-    return (picked * valid).sum(dim=1)
-
-
-def _opener_table(openers: Sequence[Sequence[int]], device: torch.device) -> tuple[Tensor, Tensor]:
-    """Openers right-padded into [K, L] token ids (0 on padding) and their lengths [K]."""
-    longest = max(len(o) for o in openers)
-    table = torch.zeros(len(openers), longest, dtype=torch.long, device=device)
-    for k, opener in enumerate(openers):
-        table[k, : len(opener)] = torch.tensor(list(opener), device=device)
-    return table, torch.tensor([len(o) for o in openers], device=device)
-
-
-def _with_prompt_cache(model: nn.Module, prompts: Sequence[Sequence[int]], openers: Sequence[Sequence[int]],
-                       pad_id: int, device: torch.device, keep: bool) -> Tensor | None:
-    """log P(opener k | prompt b) [B, K]: one prompt forward, then every opener from the prompt's KV cache."""
-    batch, count = len(prompts), len(openers)
-    padded = pad_batch(prompts, pad_id, side="left", device=device)
-    mask = padded["attention_mask"]
-    kwargs: dict[str, Any] = {"position_ids": (mask.cumsum(-1) - 1).clamp(min=0), "use_cache": True}
-    if keep:
-        kwargs["logits_to_keep"] = 1
-    out = model(input_ids=padded["input_ids"], attention_mask=mask, **kwargs)
-    # transformers 5 names the KV cache `cache` (argument and output); earlier versions `past_key_values`.
-    cache_argument = "cache" if accepts_argument(model, "cache") else "past_key_values"
-    cache = getattr(out, cache_argument, None)
-    if cache is None or not hasattr(cache, "batch_repeat_interleave"):
-        return None
-    first = out.logits[:, -1].float().log_softmax(-1)  # [B, V]: the answer's first token
-    table, lengths = _opener_table(openers, device)  # [K, L], [K]
-    total = first[:, table[:, 0]]  # [B, K]
-    if table.shape[1] == 1:
-        return total.cpu()
-    cache.batch_repeat_interleave(count)  # row b*K + k continues prompt b with opener k
-    inputs = table[:, :-1].repeat(batch, 1)  # [B*K, L-1]: the opener's tokens but its last
-    steps = inputs.shape[1]
-    full_mask = torch.cat([mask.repeat_interleave(count, dim=0), torch.ones_like(inputs)], dim=1)
-    positions = mask.sum(-1).repeat_interleave(count).unsqueeze(1) + torch.arange(steps, device=device)
-    logits = model(input_ids=inputs, attention_mask=full_mask, position_ids=positions, use_cache=False,
-                   **{cache_argument: cache}).logits  # [B*K, L-1, V]: predicts the opener's tokens 1..L-1
-    rest = _gather(logits.float().log_softmax(-1), table[:, 1:].repeat(batch, 1), (lengths - 1).repeat(batch))
-    return (total + rest.view(batch, count)).cpu()
-
-
-def _one_sequence_per_opener(model: nn.Module, prompts: Sequence[Sequence[int]], openers: Sequence[Sequence[int]],
-                             pad_id: int, device: torch.device, keep: bool) -> Tensor:
-    """log P(opener k | prompt b) [B, K] from one left-padded forward of every (prompt + opener) sequence."""
-    table, lengths = _opener_table(openers, device)
-    longest = table.shape[1]
-    # Left padding puts every opener in the last columns: the last `longest` + 1 positions hold what is read.
-    sequences = [list(p) + list(o) for p in prompts for o in openers]
-    padded = pad_batch(sequences, pad_id, side="left", device=device)
-    mask = padded["attention_mask"]
-    kwargs: dict[str, Any] = {"position_ids": (mask.cumsum(-1) - 1).clamp(min=0)}
-    if keep:
-        kwargs["logits_to_keep"] = longest + 1
-    logits = model(input_ids=padded["input_ids"], attention_mask=mask, **kwargs).logits[:, -(longest + 1):]
-    log_probs = logits.float().log_softmax(-1)  # column j predicts the token in column T - longest + j
-    count = len(openers)
-    out = torch.empty(len(prompts), count)
-    for n in range(len(sequences)):
-        length = int(lengths[n % count])
-        positions = torch.arange(longest - length, longest, device=device)
-        out[n // count, n % count] = log_probs[n, positions, table[n % count, :length]].sum().cpu()
-    return out
+    log_probs = continuation_log_probs(model, prompts, openers, pad_id=pad_id,
+                                       prompts_per_forward=max(1, rows_per_forward // len(openers)),
+                                       reuse_prompt=reuse_prompt)
+    return log_probs.exp().sum(dim=1).clamp(0.0, 1.0)
 
 
 class RefusalRisk(RiskEstimator):

@@ -6,7 +6,6 @@ so it is deterministic and cheap (one forward pass per example, no decoding).
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Sequence
 from typing import Any
 
@@ -15,7 +14,7 @@ from torch import Tensor, nn
 
 from lightning_safety.data.padding import pad_batch
 from lightning_safety.errors import JudgeError
-from lightning_safety.models import eval_mode, load_causal_lm, load_tokenizer
+from lightning_safety.models import accepts_argument, eval_mode, load_causal_lm, load_tokenizer
 from lightning_safety.risk.judges.base import Judge
 from lightning_safety.risk.judges.rubric import DEFAULT_RUBRIC, RATING_PRIMER, rubric_message
 from lightning_safety.risk.text import sanitize_for_judge
@@ -56,11 +55,6 @@ def resolve_device(model: nn.Module, device: str | torch.device | None, loaded_h
         return torch.device(device)
     parameter = next(model.parameters(), None)
     return parameter.device if parameter is not None else torch.device("cpu")
-
-
-def accepts_argument(module: nn.Module, argument: str) -> bool:
-    base = module.get_base_model() if hasattr(module, "get_base_model") else module
-    return argument in inspect.signature(base.forward).parameters
 
 
 class CausalLMJudge(Judge):

@@ -9,7 +9,8 @@ from torch import Tensor, nn
 
 from lightning_safety.errors import JudgeError, ModelLoadError
 from lightning_safety.risk.judges.base import Judge
-from lightning_safety.risk.judges.causal import accepts_argument, load_judge_tokenizer, model_label, resolve_device
+from lightning_safety.models import accepts_argument
+from lightning_safety.risk.judges.causal import load_judge_tokenizer, model_label, resolve_device
 
 
 def _load_classifier(name: str, dtype: str | torch.dtype | None) -> nn.Module:
