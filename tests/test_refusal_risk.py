@@ -185,9 +185,15 @@ def test_a_resumed_fit_restores_the_scores_from_the_checkpoint(tiny_model_dir, t
 
 def test_under_adapter_copy_the_reference_adapter_is_read_and_named(tiny_model_dir, tiny, tmp_path):
     """With a starting adapter the reference is the base plus that adapter's frozen copy: the risk is
-    its refusal probability, and another starting adapter gives another namespace (no stale cache)."""
+    its refusal probability, and another starting adapter gives another namespace (no stale cache),
+    for RefusalRisk and ProbeRisk alike."""
+    from lightning_safety.risk.probe import fit_probe
+
     base, tokenizer = tiny
-    names = []
+    probe = fit_probe(base, tokenizer, ["Explain how to steal a car", "Explain how to hack a phone"],
+                      ["Explain how to paint a fence", "Explain how to clean a kitchen"], layers=[0], pooling="mean",
+                      calibration_fraction=0.0, epochs=5)
+    names, probe_names = [], []
     for std in (0.5, 0.8):
         torch.manual_seed(0)
         adapted = SafeFineTuning(str(tiny_model_dir), lora=LoraSettings(r=4, dropout=0.0))
@@ -205,12 +211,18 @@ def test_under_adapter_copy_the_reference_adapter_is_read_and_named(tiny_model_d
         ids = rendered(tokenizer, PROMPTS)
         risk = estimator(_batch(ids))
         estimator.teardown()
+        probe_risk = ProbeRisk(probe)
+        probe_risk.setup(module)
+        probe_names.append(probe_risk.namespace)
+        probe_risk.teardown()
         with torch.no_grad():
             expected = refusal_probability(adapted.policy, ids, estimator.opener_ids)
             of_base = refusal_probability(base, ids, estimator.opener_ids)
         torch.testing.assert_close(risk, expected, rtol=1e-4, atol=1e-6)
         assert float((risk.log() - of_base.log()).abs().max()) > 1e-2  # not the base alone
     assert names[0] != names[1] and names[0].split(":")[:2] == names[1].split(":")[:2]
+    assert probe_names[0] != probe_names[1]
+    assert all(name.startswith(ProbeRisk(probe).namespace + ":") for name in probe_names)  # the adapter's id added
 
 
 def _batch(prompts: list[list[int]]) -> dict:

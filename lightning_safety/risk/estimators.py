@@ -18,11 +18,12 @@ from torch import Tensor, nn
 from lightning_safety.distributed import is_fsdp1, is_sharded
 from lightning_safety.errors import RiskError
 from lightning_safety.models import is_peft_model
-from lightning_safety.reference import reference_adapter
+from lightning_safety.reference import REFERENCE_ADAPTER, reference_adapter
 from lightning_safety.risk.base import RiskEstimator
 from lightning_safety.risk.hooks import LayerTaps
 from lightning_safety.risk.judges import Judge
 from lightning_safety.risk.probe import ActivationProbe
+from lightning_safety.risk.probe.artifact import adapter_fingerprint
 
 ProbeSource = Literal["reference", "policy"]
 
@@ -95,6 +96,17 @@ def reference_reader(
     return target, view, use_adapter
 
 
+def reference_adapter_id(target: nn.Module, use_adapter: bool) -> str:
+    """What :func:`reference_reader` returned reads beyond the base weights: ``":"`` and 12 hex
+    characters of the frozen ``reference`` adapter when the reference is the base plus that adapter
+    (``adapter_copy``), else ``""``. Estimators cached per example add it to their namespace, so
+    that scores read through one starting adapter are not reused with another. Collective under FSDP2.
+    """
+    if use_adapter and is_peft_model(target) and REFERENCE_ADAPTER in getattr(target, "peft_config", {}):
+        return ":" + adapter_fingerprint(target, REFERENCE_ADAPTER)[:12]
+    return ""
+
+
 class ProbeRisk(RiskEstimator):
     """Risk = an activation probe's harmful probability from the prompt's pre-generation activations.
 
@@ -123,9 +135,14 @@ class ProbeRisk(RiskEstimator):
         self._target: nn.Module | None = None
         self._view: Any = contextlib.nullcontext
         self._use_adapter = False
+        self._reference_adapter = ""  # set up under adapter_copy: the reference adapter read
 
     @property
     def namespace(self) -> str:
+        return self.checkpoint_namespace + self._reference_adapter
+
+    @property
+    def checkpoint_namespace(self) -> str:
         probe = self.probe
         return f"probe:{probe.fingerprint[:12]}:{probe.pooling}:{','.join(map(str, probe.layers))}:{_state_digest(probe.classifier)}"
 
@@ -136,6 +153,8 @@ class ProbeRisk(RiskEstimator):
         self.probe.check_model(target)
         self.taps = LayerTaps.for_model(target, self.probe.layers)
         self._target, self._view, self._use_adapter = target, view, use_adapter
+        if self.source == "reference":
+            self._reference_adapter = reference_adapter_id(target, use_adapter)
 
     reads_model = "a model's activations: pass model= (the model the probe was trained on)"
 

@@ -34,10 +34,9 @@ from lightning_safety.continuation import continuation_log_probs
 from lightning_safety.distributed import is_sharded
 from lightning_safety.errors import RiskError
 from lightning_safety.models import is_peft_model, load_tokenizer
-from lightning_safety.reference import REFERENCE_ADAPTER
 from lightning_safety.risk.base import RiskEstimator, _settings_digest
-from lightning_safety.risk.estimators import reference_reader
-from lightning_safety.risk.probe.artifact import adapter_fingerprint, model_fingerprint
+from lightning_safety.risk.estimators import reference_adapter_id, reference_reader
+from lightning_safety.risk.probe.artifact import model_fingerprint
 
 __all__ = ["DEFAULT_REFUSAL_OPENERS", "RefusalRisk", "opener_sequences", "refusal_probability"]
 
@@ -179,9 +178,7 @@ class RefusalRisk(RiskEstimator):
         if not use_adapter and is_peft_model(target):
             view = target.disable_adapter  # the PEFT base is the reference
         self._target, self._view = target, view
-        self._reference_id = model_fingerprint(target)[:12]
-        if use_adapter and is_peft_model(target):  # adapter_copy: the reference is the base + its own adapter
-            self._reference_id += ":" + adapter_fingerprint(target, REFERENCE_ADAPTER)[:12]
+        self._reference_id = model_fingerprint(target)[:12] + reference_adapter_id(target, use_adapter)
 
     def teardown(self) -> None:
         self._target, self._view = None, contextlib.nullcontext
