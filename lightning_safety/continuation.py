@@ -126,11 +126,13 @@ def _one_sequence_each(model: nn.Module, prompts: Sequence[Sequence[int]], conti
     if keep:
         kwargs["logits_to_keep"] = longest + 1
     logits = model(input_ids=padded["input_ids"], attention_mask=mask, **kwargs).logits[:, -(longest + 1):]
-    log_probs = logits.float().log_softmax(-1)  # column j predicts the token in column T - longest + j
+    log_probs = logits.float().log_softmax(-1)[:, :-1]  # [B*K, longest, V]: column j predicts column T - longest + j
+    # Each continuation right-aligned in `longest` columns: continuation k fills its last lengths[k].
     count = len(continuations)
-    out = torch.empty(len(prompts), count)
-    for n in range(len(sequences)):
-        length = int(lengths[n % count])
-        positions = torch.arange(longest - length, longest, device=device)
-        out[n // count, n % count] = log_probs[n, positions, table[n % count, :length]].sum().cpu()
-    return out
+    shift = (longest - lengths).unsqueeze(1)  # [K, 1]
+    columns = torch.arange(longest, device=device).unsqueeze(0)  # [1, longest]
+    aligned = table.gather(1, (columns - shift).clamp(min=0))  # [K, longest]
+    valid = columns >= shift
+    picked = log_probs.gather(-1, aligned.repeat(len(prompts), 1).unsqueeze(-1)).squeeze(-1)  # [B*K, longest]
+    picked = torch.where(valid.repeat(len(prompts), 1), picked, torch.zeros_like(picked))
+    return picked.sum(dim=1).view(len(prompts), count).cpu()
