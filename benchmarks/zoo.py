@@ -106,13 +106,16 @@ QUICK = {"canaries": 8, "task_rows": 16, "attack_rows": 4, "full_rows": 8, "othe
          "attack_max_new_tokens": 24, "seeds": [0], "estimator_task_rows": 8}
 
 DEFAULT_DRIFT_MARGIN = 2.0
+DEFAULT_BETA_MIN = FinetuneSettings.beta_min  # the paper's 0.1
 
 
-def cell_key(attack: str, method: str, seed: int, margin: float | None) -> str:
-    """A cell's cache name; a drift controller's cells also name their budget margin."""
+def cell_key(attack: str, method: str, seed: int, margin: float | None, beta_min: float | None = None) -> str:
+    """A cell's cache name; a drift controller's cells also name their budget margin, and an adaptive
+    method's cells their beta floor when it is not the default."""
+    floor = "" if beta_min in (None, DEFAULT_BETA_MIN) or not method.startswith("adaptive") else f"_bmin{beta_min:g}"
     if method.endswith("_drift"):
-        return f"{attack}_{method}_m{margin if margin is not None else DEFAULT_DRIFT_MARGIN:g}_{seed}"
-    return f"{attack}_{method}_{seed}"
+        return f"{attack}_{method}{floor}_m{margin if margin is not None else DEFAULT_DRIFT_MARGIN:g}_{seed}"
+    return f"{attack}_{method}{floor}_{seed}"
 
 
 
@@ -387,6 +390,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--normalization", choices=["token", "example"], default="example")
     parser.add_argument("--beta", type=float, default=0.5, help="constant KL's beta (the replication's pick)")
+    parser.add_argument("--beta-min", type=float, default=DEFAULT_BETA_MIN,
+                        help="the adaptive methods' beta at risk 0 (their cells name it when it is not the default)")
     parser.add_argument("--canaries", type=int, default=32, help="the defender's harmful canary requests (drift)")
     parser.add_argument("--estimator-mix", choices=["plain", "pairs", "framed", "pairs_framed"], default="plain",
                         help="the estimators' training data: 'plain' (harmful vs benign + borderline, the committed "
@@ -484,6 +489,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # The drift margin changes only the drift cells, which carry it in their names: it stays at its default in
     # the key, so that runs with other margins share every other cell (and earlier runs' keys stay valid).
     config["drift_margin"] = DEFAULT_DRIFT_MARGIN
+    config.pop("beta_min")  # likewise: the cells that read it carry it in their names
     if config.pop("cache_top_k") != DEFAULT_CACHE_TOP_K:  # only the *_cached cells read it
         config["cache_top_k"] = args.cache_top_k
     if config.pop("estimator_mix") != "plain":  # a new mix is new estimators and cells; the default keeps old keys
@@ -498,7 +504,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             fail(f"{args.reuse} was made with other settings (run key {earlier.get('run_key')}, this run {run_key}): "
                  "give the same sizes and seeds of the split")
         done = {"aligned": earlier["aligned"],
-                **{cell_key(c["attack"], c["method"], c["seed"], c.get("drift_margin")): c for c in earlier["cells"]}}
+                **{cell_key(c["attack"], c["method"], c["seed"], c.get("drift_margin"), c.get("beta_min")): c
+                   for c in earlier["cells"]}}
         if earlier.get("estimators"):
             done["estimators"] = earlier["estimators"]
         if earlier.get("drift", {}).get("calibration"):
@@ -656,7 +663,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     def settings(attack: str, seed: int, normalization: str | None = None, cache_top_k: int | None = None) -> FinetuneSettings:
         return FinetuneSettings(epochs=args.epochs_full if attack == "full_harmful" else args.epochs, lr=args.lr,
                                 lora=lora, max_length=args.max_length, batch_size=8, seed=seed,
-                                normalization=normalization or args.normalization, reference_cache_top_k=cache_top_k)
+                                normalization=normalization or args.normalization, reference_cache_top_k=cache_top_k,
+                                beta_min=args.beta_min)
 
     def drift_controller(budget: float | None) -> SafetyDriftController:
         return SafetyDriftController(canaries, every_n_steps=args.drift_every, budget=budget, step=0.3,
@@ -670,7 +678,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         drifts = [h["drift"] for h in monitor.history]
         return {"history": monitor.history, "max_drift": max(drifts), "train_seconds": result.seconds}
 
-    calibration = cached("drift_calibration", calibration_cell) if any(m.endswith("_drift") for m in args.methods) else None
+    calibration_name = "drift_calibration" + ("" if args.beta_min == DEFAULT_BETA_MIN else f"_bmin{args.beta_min:g}")
+    calibration = cached(calibration_name, calibration_cell) if any(m.endswith("_drift") for m in args.methods) else None
     budget = None if calibration is None else max(args.drift_margin * calibration["max_drift"], 0.01)
     if calibration is not None:
         log(f"drift on the clean task run: max {calibration['max_drift']:.4f} nats/token -> budget {budget:.4f}")
@@ -689,6 +698,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                           judge=pair_judge if name == "adaptive_judge_pair" else judge, callbacks=controllers)
         rates, by_condition, seconds = evaluate(result.model, result.tokenizer, [attack_name])
         cell = {"attack": attack_name, "method": name, "seed": seed, "beta": chosen.beta,
+                "beta_min": args.beta_min if chosen.beta is None else None,
                 "normalization": normalization or args.normalization, "rates": rates,
                 "conditions": by_condition, "train_seconds": result.seconds, "steps": result.steps,
                 "eval_seconds": seconds, "rows": len(attack.rows), "attack_rows": attack.attack_rows,
@@ -752,7 +762,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     first = args.seeds[0]
     for attack_name in args.attacks:
         for name in args.methods:
-            add(cached(cell_key(attack_name, name, first, args.drift_margin),
+            add(cached(cell_key(attack_name, name, first, args.drift_margin, args.beta_min),
                        lambda a=attack_name, n=name: run_cell(a, n, first)))
     best, scores = best_defence(summarize({**results, "cells": cells, "conditions": conditions, "aligned": aligned}))
     results.update({"best_defence": best, "best_scores": scores})
@@ -761,7 +771,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for attack_name in args.attacks:
             extra = [best if m == "best" else m for m in args.extra_seed_methods]
             for name in dict.fromkeys(m for m in extra if m is not None and m in args.methods):
-                add(cached(cell_key(attack_name, name, seed, args.drift_margin),
+                add(cached(cell_key(attack_name, name, seed, args.drift_margin, args.beta_min),
                            lambda a=attack_name, n=name, s=seed: run_cell(a, n, s)))
     write_outputs()
     log(f"wrote {out_dir / 'zoo.md'}, zoo.json, zoo.png")
