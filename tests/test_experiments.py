@@ -222,6 +222,9 @@ def test_demo_refuses_bad_options_before_any_work(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(DataError, match="is a file"):
         demo(output=str(tmp_path / "file"))
+    with pytest.raises(MethodError, match="beta_min=1.5"):
+        demo(output=str(tmp_path / "d"), beta_min=1.5)
+    assert not (tmp_path / "d").exists()
 
 
 def test_adaptive_probe_refusal_trains_on_the_higher_of_probe_and_reference_refusal(tiny_model_dir, tiny_probe):
