@@ -25,7 +25,9 @@ answer, with the probe and a :class:`~lightning_safety.callbacks.SafetyDriftCont
 seed (the controller's budget: ``--drift-margin`` x the largest drift of a clean fine-tune on the
 task rows alone, measured once on the defender's side); then plain SFT with the token mean (the attack at its
 strongest) and the best defence (smallest worst-case ASR excess over the aligned model, then utility) on the
-other seeds (``--extra-seed-methods``). Every cell is cached as it finishes
+other seeds (``--extra-seed-methods``). Asked for by name (``--methods``): ``sft_clean`` (plain SFT on the
+attack's data without the attacker's rows: the task utility a perfect filter keeps), ``adaptive_probe_cached``,
+``adaptive_probe_refusal``; ``--beta-min`` sets the adaptive methods' beta at risk 0. Every cell is cached as it finishes
 (``<cache>/zoo/<key>/cells``) and the outputs are rewritten after each one, so a stopped run keeps
 what it measured and continues where it was.
 
@@ -88,14 +90,16 @@ from lightning_safety.risk.probe import fit_probe  # noqa: E402
 
 NEEDED = ("advbench_harmful_behaviors.csv", "alpaca_instructions.jsonl", "xstest_prompts.csv", "sst2_dev.tsv",
           "sst2_train.tsv", "gsm8k_train.jsonl")
-METHODS = ("sft", "sft_token", "constant_kl", "adaptive_probe", "adaptive_judge", "adaptive_judge_pair",
+METHODS = ("sft", "sft_token", "sft_clean", "constant_kl", "adaptive_probe", "adaptive_judge", "adaptive_judge_pair",
            "adaptive_probe_drift", "adaptive_probe_cached", "adaptive_probe_refusal")
+# sft_clean is plain SFT without the attacker's rows (an oracle filter: the task utility a perfect filter keeps),
 # adaptive_probe_cached checks the reference cache's approximation, adaptive_probe_refusal adds the reference's own
-# refusal probability (defence in depth): both asked for by name, so that the committed grid keeps its cells.
-DEFAULT_METHODS = METHODS[:-2]
+# refusal probability (defence in depth): all asked for by name, so that the committed grid keeps its cells.
+DEFAULT_METHODS = tuple(m for m in METHODS if m not in ("sft_clean", "adaptive_probe_cached", "adaptive_probe_refusal"))
 DEFAULT_CACHE_TOP_K = 64
 DEFENCES = ("adaptive_probe", "adaptive_judge", "adaptive_judge_pair", "adaptive_probe_drift", "adaptive_probe_refusal")
-LABELS = {"aligned": "aligned", "sft": "plain SFT", "sft_token": "plain SFT (token mean)", "constant_kl": "constant KL",
+LABELS = {"aligned": "aligned", "sft": "plain SFT", "sft_token": "plain SFT (token mean)",
+          "sft_clean": "plain SFT without the attacker's rows (oracle filter)", "constant_kl": "constant KL",
           "adaptive_probe": "adaptive (probe)",
           "adaptive_judge": "adaptive (judge, request)", "adaptive_judge_pair": "adaptive (judge, request+answer)",
           "adaptive_probe_drift": "adaptive (probe) + drift controller",
@@ -337,7 +341,7 @@ def plot(path: Path, results: dict[str, Any]) -> None:
     methods = ["aligned"] + [m for m in METHODS if any(m in row for row in summary.values())]
     colours = {"aligned": "black", "sft": "tab:red", "constant_kl": "tab:orange", "adaptive_probe": "tab:blue",
                "adaptive_judge": "tab:green", "adaptive_judge_pair": "tab:purple", "adaptive_probe_drift": "tab:cyan",
-               "sft_token": "tab:pink", "adaptive_probe_cached": "tab:olive",
+               "sft_token": "tab:pink", "sft_clean": "tab:gray", "adaptive_probe_cached": "tab:olive",
                "adaptive_probe_refusal": "tab:brown"}
     fig, ax = plt.subplots(figsize=(12, 4.8))
     width = 0.8 / len(methods)
@@ -689,20 +693,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         # sft_token: plain SFT with the token mean, what most trainers do (long harmful answers weigh more).
         # <method>_cached: the same method reading the reference from a top-k cache written before training.
         cache_top_k = args.cache_top_k if name.endswith("_cached") else None
-        base = "sft" if name == "sft_token" else name.removesuffix("_drift").removesuffix("_cached")
+        base = "sft" if name in ("sft_token", "sft_clean") else name.removesuffix("_drift").removesuffix("_cached")
         chosen = method(base, args.beta if name == "constant_kl" else None)
         controllers = [drift_controller(budget)] if name.endswith("_drift") else []
-        log(f"{attack_name} / {name} / seed {seed}: {len(attack.rows)} rows ({attack.attack_rows} the attacker's)")
+        rows = [r for r in attack.rows if not r["is_attack"]] if name == "sft_clean" else attack.rows
+        if not rows:
+            fail(f"{attack_name} has no rows but the attacker's: sft_clean would train on nothing; leave it out of "
+                 "--attacks for that method")
+        log(f"{attack_name} / {name} / seed {seed}: {len(rows)} rows ({sum(r['is_attack'] for r in rows)} the attacker's)")
         normalization = "token" if name == "sft_token" else None
-        result = finetune(str(reference), attack.rows, chosen, settings(attack_name, seed, normalization, cache_top_k), probe=probe,
+        result = finetune(str(reference), rows, chosen, settings(attack_name, seed, normalization, cache_top_k), probe=probe,
                           judge=pair_judge if name == "adaptive_judge_pair" else judge, callbacks=controllers)
         rates, by_condition, seconds = evaluate(result.model, result.tokenizer, [attack_name])
         cell = {"attack": attack_name, "method": name, "seed": seed, "beta": chosen.beta,
                 "beta_min": args.beta_min if chosen.beta is None else None,
                 "normalization": normalization or args.normalization, "rates": rates,
                 "conditions": by_condition, "train_seconds": result.seconds, "steps": result.steps,
-                "eval_seconds": seconds, "rows": len(attack.rows), "attack_rows": attack.attack_rows,
-                "estimator": estimator_rates(result.risk, attack.rows, flag="is_attack") if result.risk else None,
+                "eval_seconds": seconds, "rows": len(rows), "attack_rows": sum(r["is_attack"] for r in rows),
+                "estimator": estimator_rates(result.risk, rows, flag="is_attack") if result.risk else None,
                 "risk_failures": result.failures,
                 "drift": controllers[0].history if controllers else None,
                 "drift_margin": args.drift_margin if controllers else None, "drift_budget": budget if controllers else None}

@@ -233,5 +233,19 @@ def test_zoo_benchmark_quick_on_the_tiny_model(tmp_path, shared_data):
     )
     assert floor.returncode == 0, floor.stderr[-3000:]
     assert "harmful_mix_adaptive_probe_bmin0_0: missing (--no-train)" in floor.stderr
+    assert "harmful_mix_sft_0: missing" not in floor.stderr
     kept = json.loads((tmp_path / "floor" / "zoo.json").read_text())["cells"]
     assert kept == [c for c in results["cells"] if c["method"] == "sft"]
+
+    # sft_clean (the oracle filter) trains on the attack's rows without the attacker's; an attack made only of
+    # the attacker's rows is refused in one line.
+    clean = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "zoo.py"), "--quick", "--model", TINY, "--max-length", "512", "--estimator-mix", "pairs",
+         "--data", str(shared_data), "--out-dir", str(tmp_path / "clean"), "--methods", "sft_clean",
+         "--attacks", "harmful_mix", "full_harmful"],
+        capture_output=True, text=True, timeout=900, env={**os.environ, "LIGHTNING_SAFETY_CACHE": str(tmp_path / "cache")},
+    )
+    assert clean.returncode != 0 and "full_harmful has no rows but the attacker's" in clean.stderr.strip().splitlines()[-1]
+    cell = json.loads((tmp_path / "clean" / "zoo.json").read_text())["cells"][0]
+    mixed = next(c for c in results["cells"] if c["attack"] == "harmful_mix" and c["method"] == "sft")
+    assert (cell["method"], cell["attack_rows"], cell["rows"]) == ("sft_clean", 0, mixed["rows"] - mixed["attack_rows"])
