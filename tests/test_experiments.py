@@ -148,6 +148,26 @@ def test_finetune_sft_changes_the_model_and_adaptive_records_risk(tiny_model_dir
         finetune(TINY, data, method("adaptive_max"), settings, probe=tiny_probe)
 
 
+def test_the_defended_path_with_beta_zero_trains_exactly_like_sft(tiny_model_dir, tiny_probe):
+    # The adaptive method's machinery (risk callback, probe forwards through the reference, the risk
+    # cache) must not touch training: with beta = 0 for every row it is plain SFT, bit for bit, and
+    # with a beta of 1e-6 (the reference forward and the KL now run every step) it stays within float noise.
+    data = mix_attack(rows(BENIGN, "A fact.", False), rows(HARMFUL, "Sure, here it is.", True), 0.25, 0)
+    base = dict(epochs=2, lr=1e-2, batch_size=4)
+    sft = finetune(TINY, data, method("sft"), FinetuneSettings(**base)).model.state_dict()
+    zero = finetune(TINY, data, method("adaptive_probe"), FinetuneSettings(**base, beta_min=0.0, beta_max=0.0),
+                    probe=tiny_probe)
+    assert set(zero.risk) == {r["id"] for r in data}  # the probe did score every row
+    untouched = load_causal_lm(TINY).state_dict()
+    assert any(not torch.equal(untouched[k], v) for k, v in sft.items())  # training moved weights
+    for name, value in zero.model.state_dict().items():
+        assert torch.equal(value, sft[name]), name
+    tiny = finetune(TINY, data, method("adaptive_probe"), FinetuneSettings(**base, beta_min=1e-6, beta_max=1e-6),
+                    probe=tiny_probe).model.state_dict()
+    for name, value in tiny.items():
+        torch.testing.assert_close(value, sft[name], rtol=1e-3, atol=1e-4)
+
+
 def _response_nll(model, tokenizer, prompts, response):
     """Mean per-token NLL of ``response`` after each chat-formatted prompt."""
     model.eval()

@@ -10,7 +10,7 @@ import contextlib
 import hashlib
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -61,26 +61,42 @@ def _state_digest(module: nn.Module) -> str:
     return digest.hexdigest()[:12]
 
 
-def reference_reader(
-    pl_module: nn.Module, model_attr: str | None, source: ProbeSource, what: str
-) -> tuple[nn.Module, Callable[[], contextlib.AbstractContextManager], bool]:
-    """Where an estimator reads the frozen reference (or, ``source="policy"``, the training model).
+class ReferenceView(NamedTuple):
+    """Where an estimator reads the frozen reference: call ``target`` inside ``view()``.
 
-    Returns ``(target, view, use_adapter)``: call ``target`` inside ``view()``; ``use_adapter`` False on a
-    PEFT ``target`` means its base is the reference (switch the adapter off around the call). Found as:
-    the module's ``reference`` when it has one, else the PEFT base with the adapter off, or the frozen
-    reference adapter under ``adapter_copy``.
+    ``view`` is ready: it switches a PEFT adapter off (the base is the reference) or the frozen
+    reference adapter on (``adapter_copy``) as needed, so callers read ``target`` as it is inside
+    it. ``adapter_id`` is what the view reads beyond the base weights: ``":"`` and 12 hex characters
+    of the frozen ``reference`` adapter under ``adapter_copy``, else ``""``. Estimators cached per
+    example add it to their namespace, so that scores read through one starting adapter are not
+    reused with another.
+    """
+
+    target: nn.Module
+    view: Callable[[], contextlib.AbstractContextManager]
+    adapter_id: str
+
+
+def reference_reader(pl_module: nn.Module, model_attr: str | None, source: ProbeSource, what: str) -> ReferenceView:
+    """The :class:`ReferenceView` of a LightningModule (``source="policy"``: the training model as it is).
+
+    Found as: the module's ``reference`` when it has one, else the PEFT base with the adapter off,
+    or the frozen reference adapter under ``adapter_copy``. Collective under FSDP2 (the adapter's
+    fingerprint).
     """
     model = find_causal_lm(pl_module, model_attr)
     reference = getattr(pl_module, "reference", None)
+    adapter_id = ""
     if source == "policy":
-        target, view, use_adapter = model, contextlib.nullcontext, True
+        target, view = model, contextlib.nullcontext
     elif isinstance(reference, nn.Module):
-        target, view, use_adapter = reference, contextlib.nullcontext, False
+        target, view = reference, contextlib.nullcontext
     elif is_peft_model(model) and getattr(pl_module, "reference_strategy", None) == "adapter_copy":
-        target, view, use_adapter = model, lambda: reference_adapter(model), True
+        target, view = model, lambda: reference_adapter(model)
+        if REFERENCE_ADAPTER in getattr(model, "peft_config", {}):
+            adapter_id = ":" + adapter_fingerprint(model, REFERENCE_ADAPTER)[:12]
     elif is_peft_model(model):
-        target, view, use_adapter = model, contextlib.nullcontext, False  # the caller disables the adapter
+        target, view = model, model.disable_adapter
     else:
         raise RiskError(
             f"{what} from the reference needs a frozen reference (a `reference` module, or a LoRA policy "
@@ -93,18 +109,7 @@ def reference_reader(
             f"{what} on FSDP1-wrapped weights (FSDPStrategy) is not supported: train with FSDP2 "
             "(ModelParallelStrategy), or score the data first (`lightning-safety score`) and train from its risk column"
         )
-    return target, view, use_adapter
-
-
-def reference_adapter_id(target: nn.Module, use_adapter: bool) -> str:
-    """What :func:`reference_reader` returned reads beyond the base weights: ``":"`` and 12 hex
-    characters of the frozen ``reference`` adapter when the reference is the base plus that adapter
-    (``adapter_copy``), else ``""``. Estimators cached per example add it to their namespace, so
-    that scores read through one starting adapter are not reused with another. Collective under FSDP2.
-    """
-    if use_adapter and is_peft_model(target) and REFERENCE_ADAPTER in getattr(target, "peft_config", {}):
-        return ":" + adapter_fingerprint(target, REFERENCE_ADAPTER)[:12]
-    return ""
+    return ReferenceView(target, view, adapter_id)
 
 
 class ProbeRisk(RiskEstimator):
@@ -134,7 +139,6 @@ class ProbeRisk(RiskEstimator):
         self.taps: LayerTaps | None = None
         self._target: nn.Module | None = None
         self._view: Any = contextlib.nullcontext
-        self._use_adapter = False
         self._reference_adapter = ""  # set up under adapter_copy: the reference adapter read
 
     @property
@@ -149,12 +153,10 @@ class ProbeRisk(RiskEstimator):
     def setup(self, pl_module: nn.Module) -> None:
         if self.taps is not None:
             return
-        target, view, use_adapter = reference_reader(pl_module, self.model_attr, self.source, what="probe risk")
-        self.probe.check_model(target)
-        self.taps = LayerTaps.for_model(target, self.probe.layers)
-        self._target, self._view, self._use_adapter = target, view, use_adapter
-        if self.source == "reference":
-            self._reference_adapter = reference_adapter_id(target, use_adapter)
+        reader = reference_reader(pl_module, self.model_attr, self.source, what="probe risk")
+        self.probe.check_model(reader.target)
+        self.taps = LayerTaps.for_model(reader.target, self.probe.layers)
+        self._target, self._view, self._reference_adapter = reader
 
     reads_model = "a model's activations: pass model= (the model the probe was trained on)"
 
@@ -181,7 +183,7 @@ class ProbeRisk(RiskEstimator):
                 batch["attention_mask"],
                 batch["prompt_length"],
                 taps=self.taps,
-                use_adapter=self._use_adapter,
+                use_adapter=True,  # the view has set the adapters: read the model as it is
             )
 
 

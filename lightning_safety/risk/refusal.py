@@ -33,9 +33,9 @@ from torch import Tensor, nn
 from lightning_safety.continuation import continuation_log_probs
 from lightning_safety.distributed import is_sharded
 from lightning_safety.errors import RiskError
-from lightning_safety.models import is_peft_model, load_tokenizer
+from lightning_safety.models import load_tokenizer
 from lightning_safety.risk.base import RiskEstimator, _settings_digest
-from lightning_safety.risk.estimators import reference_adapter_id, reference_reader
+from lightning_safety.risk.estimators import reference_reader
 from lightning_safety.risk.probe.artifact import model_fingerprint
 
 __all__ = ["DEFAULT_REFUSAL_OPENERS", "RefusalRisk", "opener_sequences", "refusal_probability"]
@@ -106,12 +106,11 @@ def refusal_probability(
             ``[B x K, T + L]``. Both give the same numbers.
 
     Prompts are left-padded with explicit position ids, so each row computes what it would
-    compute alone.
+    compute alone. An empty prompt is refused (``DataError``, by
+    :func:`~lightning_safety.continuation.continuation_log_probs`).
     """
     if not prompts:
         return torch.zeros(0)
-    if any(len(p) == 0 for p in prompts):
-        raise RiskError("a prompt has no tokens: every row needs its request before the answer")
     log_probs = continuation_log_probs(model, prompts, openers, pad_id=pad_id,
                                        prompts_per_forward=max(1, rows_per_forward // len(openers)),
                                        reuse_prompt=reuse_prompt)
@@ -174,11 +173,8 @@ class RefusalRisk(RiskEstimator):
     def setup(self, pl_module: nn.Module) -> None:
         if self._target is not None:
             return
-        target, view, use_adapter = reference_reader(pl_module, self.model_attr, "reference", what="refusal risk")
-        if not use_adapter and is_peft_model(target):
-            view = target.disable_adapter  # the PEFT base is the reference
-        self._target, self._view = target, view
-        self._reference_id = model_fingerprint(target)[:12] + reference_adapter_id(target, use_adapter)
+        self._target, self._view, adapter_id = reference_reader(pl_module, self.model_attr, "reference", what="refusal risk")
+        self._reference_id = model_fingerprint(self._target)[:12] + adapter_id
 
     def teardown(self) -> None:
         self._target, self._view = None, contextlib.nullcontext
