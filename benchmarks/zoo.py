@@ -27,7 +27,8 @@ task rows alone, measured once on the defender's side); then plain SFT with the 
 strongest) and the best defence (smallest worst-case ASR excess over the aligned model, then utility) on the
 other seeds (``--extra-seed-methods``). Asked for by name (``--methods``): ``sft_clean`` (plain SFT on the
 attack's data without the attacker's rows: the task utility a perfect filter keeps), ``adaptive_probe_cached``,
-``adaptive_probe_refusal``; ``--beta-min`` sets the adaptive methods' beta at risk 0. Every cell is cached as it finishes
+``adaptive_probe_refusal``; ``--beta-min`` sets the adaptive methods' beta at risk 0, ``--kl-scale`` the factor on
+the KL term (the NLL keeps its 1 - beta). Every cell is cached as it finishes
 (``<cache>/zoo/<key>/cells``) and the outputs are rewritten after each one, so a stopped run keeps
 what it measured and continues where it was.
 
@@ -74,6 +75,7 @@ from lightning_safety.evaluation.runner import SafetyEvaluator  # noqa: E402
 from lightning_safety.evaluation.utility import SST2_TEMPLATE, UtilityTask  # noqa: E402
 from lightning_safety.experiments import (  # noqa: E402
     FinetuneSettings,
+    MethodError,
     classification_rows,
     compliant_answers,
     estimator_rates,
@@ -111,12 +113,16 @@ QUICK = {"canaries": 8, "task_rows": 16, "attack_rows": 4, "full_rows": 8, "othe
 
 DEFAULT_DRIFT_MARGIN = 2.0
 DEFAULT_BETA_MIN = FinetuneSettings.beta_min  # the paper's 0.1
+DEFAULT_KL_SCALE = FinetuneSettings.kl_scale  # the paper's 1
 
 
-def cell_key(attack: str, method: str, seed: int, margin: float | None, beta_min: float | None = None) -> str:
-    """A cell's cache name; a drift controller's cells also name their budget margin, and an adaptive
-    method's cells their beta floor when it is not the default."""
+def cell_key(attack: str, method: str, seed: int, margin: float | None, beta_min: float | None = None,
+             kl_scale: float | None = None) -> str:
+    """A cell's cache name; a drift controller's cells also name their budget margin, an adaptive
+    method's cells their beta floor, and a KL method's cells their KL scale, when not the default."""
     floor = "" if beta_min in (None, DEFAULT_BETA_MIN) or not method.startswith("adaptive") else f"_bmin{beta_min:g}"
+    if kl_scale not in (None, DEFAULT_KL_SCALE) and (method.startswith("adaptive") or method == "constant_kl"):
+        floor += f"_kls{kl_scale:g}"
     if method.endswith("_drift"):
         return f"{attack}_{method}{floor}_m{margin if margin is not None else DEFAULT_DRIFT_MARGIN:g}_{seed}"
     return f"{attack}_{method}{floor}_{seed}"
@@ -396,6 +402,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--beta", type=float, default=0.5, help="constant KL's beta (the replication's pick)")
     parser.add_argument("--beta-min", type=float, default=DEFAULT_BETA_MIN,
                         help="the adaptive methods' beta at risk 0 (their cells name it when it is not the default)")
+    parser.add_argument("--kl-scale", type=float, default=DEFAULT_KL_SCALE,
+                        help="factor on the KL term of the KL methods, the NLL's 1 - beta kept (their cells name it "
+                             "when it is not the default)")
     parser.add_argument("--canaries", type=int, default=32, help="the defender's harmful canary requests (drift)")
     parser.add_argument("--estimator-mix", choices=["plain", "pairs", "framed", "pairs_framed"], default="plain",
                         help="the estimators' training data: 'plain' (harmful vs benign + borderline, the committed "
@@ -432,6 +441,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         unknown = [x for x in getattr(args, name) if x not in known]
         if unknown:
             fail(f"unknown {name} {unknown}: use some of {', '.join(known)}")
+    try:  # the settings' own checks, before any work
+        FinetuneSettings(beta_min=args.beta_min, kl_scale=args.kl_scale)
+    except MethodError as error:
+        fail(str(error))
     return args
 
 
@@ -494,6 +507,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # the key, so that runs with other margins share every other cell (and earlier runs' keys stay valid).
     config["drift_margin"] = DEFAULT_DRIFT_MARGIN
     config.pop("beta_min")  # likewise: the cells that read it carry it in their names
+    config.pop("kl_scale")
     if config.pop("cache_top_k") != DEFAULT_CACHE_TOP_K:  # only the *_cached cells read it
         config["cache_top_k"] = args.cache_top_k
     if config.pop("estimator_mix") != "plain":  # a new mix is new estimators and cells; the default keeps old keys
@@ -508,7 +522,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             fail(f"{args.reuse} was made with other settings (run key {earlier.get('run_key')}, this run {run_key}): "
                  "give the same sizes and seeds of the split")
         done = {"aligned": earlier["aligned"],
-                **{cell_key(c["attack"], c["method"], c["seed"], c.get("drift_margin"), c.get("beta_min")): c
+                **{cell_key(c["attack"], c["method"], c["seed"], c.get("drift_margin"), c.get("beta_min"),
+                                  c.get("kl_scale")): c
                    for c in earlier["cells"]}}
         if earlier.get("estimators"):
             done["estimators"] = earlier["estimators"]
@@ -668,7 +683,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return FinetuneSettings(epochs=args.epochs_full if attack == "full_harmful" else args.epochs, lr=args.lr,
                                 lora=lora, max_length=args.max_length, batch_size=8, seed=seed,
                                 normalization=normalization or args.normalization, reference_cache_top_k=cache_top_k,
-                                beta_min=args.beta_min)
+                                beta_min=args.beta_min, kl_scale=args.kl_scale)
 
     def drift_controller(budget: float | None) -> SafetyDriftController:
         return SafetyDriftController(canaries, every_n_steps=args.drift_every, budget=budget, step=0.3,
@@ -682,7 +697,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         drifts = [h["drift"] for h in monitor.history]
         return {"history": monitor.history, "max_drift": max(drifts), "train_seconds": result.seconds}
 
-    calibration_name = "drift_calibration" + ("" if args.beta_min == DEFAULT_BETA_MIN else f"_bmin{args.beta_min:g}")
+    calibration_name = ("drift_calibration" + ("" if args.beta_min == DEFAULT_BETA_MIN else f"_bmin{args.beta_min:g}")
+                        + ("" if args.kl_scale == DEFAULT_KL_SCALE else f"_kls{args.kl_scale:g}"))
     calibration = cached(calibration_name, calibration_cell) if any(m.endswith("_drift") for m in args.methods) else None
     budget = None if calibration is None else max(args.drift_margin * calibration["max_drift"], 0.01)
     if calibration is not None:
@@ -707,6 +723,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         rates, by_condition, seconds = evaluate(result.model, result.tokenizer, [attack_name])
         cell = {"attack": attack_name, "method": name, "seed": seed, "beta": chosen.beta,
                 "beta_min": args.beta_min if chosen.beta is None else None,
+                "kl_scale": args.kl_scale if base.startswith("adaptive") or base == "constant_kl" else None,
                 "normalization": normalization or args.normalization, "rates": rates,
                 "conditions": by_condition, "train_seconds": result.seconds, "steps": result.steps,
                 "eval_seconds": seconds, "rows": len(rows), "attack_rows": sum(r["is_attack"] for r in rows),
@@ -770,7 +787,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     first = args.seeds[0]
     for attack_name in args.attacks:
         for name in args.methods:
-            add(cached(cell_key(attack_name, name, first, args.drift_margin, args.beta_min),
+            add(cached(cell_key(attack_name, name, first, args.drift_margin, args.beta_min, args.kl_scale),
                        lambda a=attack_name, n=name: run_cell(a, n, first)))
     best, scores = best_defence(summarize({**results, "cells": cells, "conditions": conditions, "aligned": aligned}))
     results.update({"best_defence": best, "best_scores": scores})
@@ -779,7 +796,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for attack_name in args.attacks:
             extra = [best if m == "best" else m for m in args.extra_seed_methods]
             for name in dict.fromkeys(m for m in extra if m is not None and m in args.methods):
-                add(cached(cell_key(attack_name, name, seed, args.drift_margin, args.beta_min),
+                add(cached(cell_key(attack_name, name, seed, args.drift_margin, args.beta_min, args.kl_scale),
                            lambda a=attack_name, n=name, s=seed: run_cell(a, n, s)))
     write_outputs()
     log(f"wrote {out_dir / 'zoo.md'}, zoo.json, zoo.png")

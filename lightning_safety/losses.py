@@ -174,6 +174,7 @@ def adaptive_kl_loss(
     ignore_index: int = -100,
     chunk_size: int | None = None,
     reference_rows: Tensor | None = None,
+    kl_scale: float = 1.0,
 ) -> AdaptiveKLOutput:
     """Mixture of NLL and KL toward a reference, weighted per example.
 
@@ -185,10 +186,11 @@ def adaptive_kl_loss(
         kl_bt  = KL(pi_ref || pi_theta) = sum_v p_ref(v) (log p_ref(v) - log p_theta(v))   forward
         kl_bt  = KL(pi_theta || pi_ref) = sum_v p_theta(v) (log p_theta(v) - log p_ref(v)) reverse
 
-        token:    loss = sum_{b, t} (alpha_b nll_bt + beta_b kl_bt) / N
-        example:  loss = sum_b (alpha_b mean_t nll_bt + beta_b mean_t kl_bt) / B'
+        token:    loss = sum_{b, t} (alpha_b nll_bt + lambda beta_b kl_bt) / N
+        example:  loss = sum_b (alpha_b mean_t nll_bt + lambda beta_b mean_t kl_bt) / B'
 
-    with ``alpha_b = 1 - beta_b`` ("convex") or ``1`` ("additive"), ``N`` the number of response
+    with ``alpha_b = 1 - beta_b`` ("convex") or ``1`` ("additive"), ``lambda = kl_scale`` (1, the
+    paper, unless set), ``N`` the number of response
     tokens in the whole batch and ``B'`` the number of rows that have response tokens. At batch
     size 1 both are the authors' per-example loss ``alpha mean_t(nll) + beta mean_t(kl)``. Over a
     batch, "token" (ordinary token-mean SFT) lets longer responses weigh more; "example" gives
@@ -236,6 +238,11 @@ def adaptive_kl_loss(
             rounding.
         reference_rows: ``[R]`` int64, the policy row of each ``reference_logits`` row. Rows not
             listed get no KL and must have ``beta == 0``.
+        kl_scale: ``lambda``, a factor on every row's KL term that leaves ``alpha`` as it is: a risky
+            row's NLL is still scaled down by ``1 - beta`` while its pull toward the reference is
+            ``lambda beta``. 1 is the paper's loss; 0 is risk-weighted SFT (no KL: no reference is
+            needed, ``reference_logits`` may be None). The KL pulls the shared weights toward the
+            reference everywhere, not only on the held rows, which costs task accuracy (see the README).
 
     Returns:
         An :class:`AdaptiveKLOutput`.
@@ -249,10 +256,14 @@ def adaptive_kl_loss(
     labels = _align_labels(policy_logits, labels, ignore_index)
     batch, seq_len, vocab = _check_logits_and_labels(policy_logits, labels)
     _check_options(weighting, direction, chunk_size, normalization)
+    kl_scale = check_kl_scale(kl_scale)
     device = policy_logits.device
     beta_t = _as_beta(beta, batch, device)
     alpha_t = 1.0 - beta_t if weighting == "convex" else torch.ones_like(beta_t)
-    ref_index = _reference_index(reference_logits, reference_rows, beta_t, seq_len, vocab)
+    if kl_scale == 0.0:  # no KL term: the reference is not read
+        reference_logits, reference_rows = None, None
+    kl_beta = beta_t * kl_scale if kl_scale != 1.0 else beta_t
+    ref_index = _reference_index(reference_logits, reference_rows, kl_beta, seq_len, vocab)
     plan = _plan_tokens(labels, ref_index, ignore_index, vocab)
     if isinstance(reference_logits, CachedTokens) and len(reference_logits) != plan.num_ref_tokens:
         raise DataError(
@@ -262,7 +273,16 @@ def adaptive_kl_loss(
     nll_tok, kl_tok = _token_losses_chunked(
         policy_logits, reference_logits, plan, direction, chunk_size
     )
-    return _assemble(nll_tok, kl_tok, plan, alpha_t, beta_t, normalization)
+    return _assemble(nll_tok, kl_tok, plan, alpha_t, beta_t, normalization, kl_weight=kl_beta)
+
+
+def check_kl_scale(kl_scale: Any) -> float:
+    """``kl_scale`` as a float in [0, inf), or a one-line error."""
+    if isinstance(kl_scale, bool) or not isinstance(kl_scale, (int, float)) or not 0.0 <= float(kl_scale) < float("inf"):
+        raise LightningSafetyError(
+            f"kl_scale must be a finite number >= 0 (1: the paper's loss, 0: no KL); got {kl_scale!r}"
+        )
+    return float(kl_scale)
 
 
 def _align_labels(policy_logits: Tensor, labels: Tensor, ignore_index: int) -> Tensor:
@@ -695,16 +715,19 @@ def _assemble(
     alpha: Tensor,
     beta: Tensor,
     normalization: Normalization = "token",
+    kl_weight: Tensor | None = None,
 ) -> AdaptiveKLOutput:
-    """Weight and reduce the per-token ``nll [N]`` and ``kl [M]`` into an output."""
+    """Weight and reduce the per-token ``nll [N]`` and ``kl [M]`` into an output.
+
+    ``kl_weight [B]`` weighs the KL (default ``beta``; ``kl_scale * beta`` when scaled)."""
     num_tokens = plan.num_tokens
     num_ref = plan.num_ref_tokens
     ref_token_rows = plan.rows[:num_ref]
     denom = plan.tokens_per_example.clamp_min(1).to(torch.float32)  # [B]
-    nll_weight, kl_weight = alpha, beta
+    nll_weight, kl_weight = alpha, beta if kl_weight is None else kl_weight
     if normalization == "example":
         # Each token carries 1 / (its row's token count): a row's tokens sum to its token mean.
-        nll_weight, kl_weight = alpha / denom, beta / denom
+        nll_weight, kl_weight = alpha / denom, kl_weight / denom
         denominator = (plan.tokens_per_example > 0).sum()
     else:
         denominator = torch.tensor(num_tokens, device=beta.device)

@@ -35,7 +35,7 @@ from lightning_safety.distributed import (
     shard_model,
 )
 from lightning_safety.errors import DataError, LightningSafetyError, ModelLoadError
-from lightning_safety.losses import AdaptiveKLOutput, ProjectedLogits, adaptive_kl_loss
+from lightning_safety.losses import AdaptiveKLOutput, ProjectedLogits, adaptive_kl_loss, check_kl_scale
 from lightning_safety.models import (
     LoraSettings,
     apply_lora,
@@ -97,6 +97,10 @@ class SafeFineTuning(L.LightningModule):
             SFT; long responses weigh more); ``example`` averages each row's token mean over the
             rows, as the authors' one-example micro-batches do. Prefer ``example`` when risky rows
             have much longer responses than the task's (see :func:`adaptive_kl_loss`).
+        kl_scale: a factor on every row's KL term, leaving the NLL's ``1 - beta`` as it is (1: the
+            paper's loss; 0: risk-weighted SFT, the reference is never run). The KL toward the
+            reference pulls the shared weights back everywhere, which costs task accuracy; a small
+            scale keeps most of it (measured in the README's zoo section).
         chunk_size: compute NLL and KL over chunks of this many response tokens so that no more
             than one chunk of float32 [B, chunk, V] temporaries is alive (None: all at once).
         fused_output_layer: apply the policy's output layer inside the loss, per chunk of
@@ -146,6 +150,7 @@ class SafeFineTuning(L.LightningModule):
         weighting: Literal["convex", "additive"] = "convex",
         direction: Literal["forward", "reverse"] = "forward",
         normalization: Literal["token", "example"] = "token",
+        kl_scale: float = 1.0,
         chunk_size: int | None = None,
         fused_output_layer: bool | None = None,
         reference_cache: str | None = None,
@@ -195,6 +200,7 @@ class SafeFineTuning(L.LightningModule):
         if normalization not in ("token", "example"):
             raise LightningSafetyError(f"normalization must be 'token' or 'example'; got {normalization!r}")
         self.normalization = normalization
+        self.kl_scale = check_kl_scale(kl_scale)
         self.chunk_size = chunk_size
         self.fused_output_layer = chunk_size is not None if fused_output_layer is None else bool(fused_output_layer)
         self._policy_parts: Any = _UNCHECKED
@@ -379,6 +385,7 @@ class SafeFineTuning(L.LightningModule):
             normalization=self.normalization,
             chunk_size=self.chunk_size,
             reference_rows=ref_rows,
+            kl_scale=self.kl_scale,
         )
         return out, risk, beta
 
@@ -387,9 +394,12 @@ class SafeFineTuning(L.LightningModule):
     ) -> tuple[Tensor | ProjectedLogits | CachedTokens | None, Tensor | None]:
         """The reference's output for the rows with ``beta > 0`` and those rows (None: all rows).
 
+        Nothing when ``kl_scale`` is 0 (no KL term).
         From the reference cache when one is set (no forward), else from the reference's forward.
         """
         input_ids, attention_mask = batch["input_ids"], batch.get("attention_mask")
+        if self.kl_scale == 0.0:  # no KL term: nothing reads the reference
+            return None, None
         rows = torch.nonzero(beta > 0).squeeze(1)
         cache = self._active_cache()
         if cache is None and self._sharded and any_rank(rows.numel() > 0, input_ids.device) and rows.numel() == 0:

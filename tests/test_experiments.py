@@ -118,6 +118,8 @@ def test_method_names_and_errors():
         method("vaccine")
     with pytest.raises(MethodError, match="beta_min"):
         FinetuneSettings(beta_min=0.9, beta_max=0.1)
+    with pytest.raises(MethodError, match="kl_scale must be a finite number >= 0"):
+        FinetuneSettings(kl_scale=-0.1)
 
 
 @pytest.fixture(scope="module")
@@ -244,6 +246,8 @@ def test_demo_refuses_bad_options_before_any_work(tmp_path):
         demo(output=str(tmp_path / "file"))
     with pytest.raises(MethodError, match="beta_min=1.5"):
         demo(output=str(tmp_path / "d"), beta_min=1.5)
+    with pytest.raises(MethodError, match="kl_scale"):
+        demo(output=str(tmp_path / "d"), kl_scale=-1.0)
     assert not (tmp_path / "d").exists()
 
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lightning_safety.errors import DataError, IncompatibleReferenceError, RiskError
+from lightning_safety.errors import DataError, IncompatibleReferenceError, LightningSafetyError, RiskError
 from lightning_safety.losses import (
     AdaptiveKLOutput,
     ConstantBeta,
@@ -49,7 +49,7 @@ def make_batch(seed: int, batch: int = B, seq: int = T, vocab: int = V):
     return policy, reference, labels, beta
 
 
-def brute_force(policy, reference, labels, beta, weighting, direction, ref_rows=None, ignore=-100):
+def brute_force(policy, reference, labels, beta, weighting, direction, ref_rows=None, ignore=-100, kl_scale=1.0):
     """Float64 loops: returns the loss (differentiable in ``policy``) and per-row statistics."""
     batch, seq, _ = policy.shape
     rows = range(batch) if ref_rows is None else [int(b) for b in ref_rows]
@@ -75,7 +75,7 @@ def brute_force(policy, reference, labels, beta, weighting, direction, ref_rows=
                 else:
                     kl = sum(logp[v].exp() * (logp[v] - logq[v]) for v in range(logp.shape[0]))
                 kl_b.append(kl)
-            total = total + alpha_b * nll + beta_b * kl
+            total = total + alpha_b * nll + kl_scale * beta_b * kl
             nll_b.append(nll)
         counts.append(len(nll_b))
         nll_rows.append(sum(nll_b) / len(nll_b) if nll_b else torch.tensor(0.0))
@@ -251,6 +251,45 @@ def test_row_with_beta_but_no_reference_row_raises():
     with pytest.raises(RiskError, match="beta > 0 but no reference logits"):
         rows = torch.tensor([0, 2])
         adaptive_kl_loss(policy, reference[rows], labels, beta, reference_rows=rows)
+
+
+@pytest.mark.parametrize("chunk_size", [None, 2])
+@pytest.mark.parametrize("direction", ["forward", "reverse"])
+def test_kl_scale_weighs_the_kl_term_only(direction, chunk_size):
+    policy, reference, labels, beta = make_batch(8)
+    policy32 = policy.clone().requires_grad_()
+    out = adaptive_kl_loss(policy32, reference, labels, beta, direction=direction, chunk_size=chunk_size, kl_scale=0.3)
+    out.loss.backward()
+    policy64 = policy.double().requires_grad_()
+    ref = brute_force(policy64, reference, labels, beta, "convex", direction, kl_scale=0.3)
+    ref["loss"].backward()
+    close(out.loss, ref["loss"])
+    close(policy32.grad, policy64.grad)
+    close(out.alpha, 1 - beta)  # the NLL keeps its 1 - beta
+    close(out.beta, beta)
+    close(out.kl, ref["kl"])  # the reported KL is the KL itself, not its weighted share
+    paper = adaptive_kl_loss(policy, reference, labels, beta, direction=direction)
+    assert abs(float(paper.loss) - float(out.loss.detach())) > 1e-3
+
+
+def test_kl_scale_zero_is_risk_weighted_cross_entropy_and_reads_no_reference():
+    policy, reference, labels, beta = make_batch(9)
+    without = adaptive_kl_loss(policy, None, labels, beta, kl_scale=0.0)
+    ignored = adaptive_kl_loss(policy, reference, labels, beta, kl_scale=0.0)
+    ref = brute_force(policy.double(), reference, labels, beta, "convex", "forward", kl_scale=0.0)
+    close(without.loss, ref["loss"])
+    close(ignored.loss, without.loss, atol=1e-7)
+    assert float(without.kl) == 0.0
+    with pytest.raises(RiskError, match="beta > 0 but no reference logits"):
+        adaptive_kl_loss(policy, None, labels, beta, kl_scale=0.1)
+
+
+@pytest.mark.parametrize("kl_scale", [-0.5, float("nan"), float("inf"), True, "1"])
+def test_bad_kl_scale_is_refused_in_one_line(kl_scale):
+    policy, reference, labels, beta = make_batch(0)
+    with pytest.raises(LightningSafetyError, match="kl_scale must be a finite number >= 0") as error:
+        adaptive_kl_loss(policy, reference, labels, beta, kl_scale=kl_scale)
+    assert "\n" not in str(error.value)
 
 
 def test_zero_beta_is_plain_cross_entropy_without_reference():

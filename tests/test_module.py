@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_safety.errors import IncompatibleReferenceError, ModelLoadError, RiskError
+from lightning_safety.errors import IncompatibleReferenceError, LightningSafetyError, ModelLoadError, RiskError
 from lightning_safety.schedules import ConstantBeta, LinearRiskSchedule, ThresholdRiskSchedule
 import lightning_safety.reference as reference_lib
 from lightning_safety.models import LoraSettings
@@ -183,6 +183,27 @@ def test_reference_runs_only_on_rows_with_positive_beta(tiny_model_dir, monkeypa
     assert out.kl_per_example[[0, 2, 3]].abs().max() == 0
     module.compute_loss(make_batch(risk=[0.1, 0.2, 0.2, 0.3]), update_schedule=True)
     assert calls == [1], "no risky row: no reference forward at all"
+
+
+def test_kl_scale_scales_the_kl_and_zero_never_calls_the_reference(tiny_model_dir, monkeypatch):
+    calls = count_reference_calls(monkeypatch)
+    batch = make_batch(risk=[0.0, 0.3, 0.7, 1.0])
+    torch.manual_seed(0)
+    paper = build(tiny_model_dir, schedule=LinearRiskSchedule(), normalization="example")
+    one_step(paper, batch)  # the policy moves away from the reference: the KL is no longer 0
+    paper.eval()  # no dropout: the losses below see the same policy
+    out, _, beta = paper.compute_loss(batch, update_schedule=False)
+    assert float(out.kl) > 0
+    for scale in (0.25, 0.0):
+        paper.kl_scale = scale
+        scaled, _, _ = paper.compute_loss(batch, update_schedule=False)
+        expected = ((1 - beta) * out.nll_per_example + scale * beta * out.kl_per_example).mean()
+        torch.testing.assert_close(scaled.loss, expected, rtol=1e-5, atol=1e-6)
+    before = len(calls)
+    paper.compute_loss(batch, update_schedule=False)
+    assert len(calls) == before, "kl_scale 0: no reference forward"
+    with pytest.raises(LightningSafetyError, match="kl_scale"):
+        build(tiny_model_dir, kl_scale=-1.0)
 
 
 @pytest.mark.parametrize("risk", [[0.1, float("nan"), 0.2, 0.3], [0.1, 1.5, 0.2, 0.3], [0.1, -0.2, 0.2, 0.3]])

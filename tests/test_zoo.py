@@ -191,6 +191,7 @@ def test_zoo_benchmark_quick_on_the_tiny_model(tmp_path, shared_data):
         assert cell["normalization"] == ("token" if cell["method"] == "sft_token" else "example")
         assert (cell["drift"] is not None) == (cell["method"] == "adaptive_probe_drift")
         assert cell["beta_min"] == (None if cell["method"].startswith("sft") else 0.1)
+        assert cell["kl_scale"] == (None if cell["method"].startswith("sft") else 1.0)
     assert results["drift"]["budget"] >= 0.01 and results["drift"]["calibration"]["history"]
     assert results["summary"]["backdoor"]["condition"] == "trigger"
     assert len(results["targets"]) == len(zoo.ATTACKS)
@@ -224,15 +225,15 @@ def test_zoo_benchmark_quick_on_the_tiny_model(tmp_path, shared_data):
     assert " / seed " not in gathered.stderr
     assert json.loads((tmp_path / "gathered" / "zoo.json").read_text())["cells"] == results["cells"]
 
-    # Another beta floor is other cells for the adaptive methods (named by it), the same ones for SFT.
+    # Another beta floor or KL scale is other cells for the adaptive methods (named by them), the same ones for SFT.
     floor = subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / "zoo.py"), "--quick", "--model", TINY, "--max-length", "512", "--estimator-mix", "pairs",
          "--data", str(shared_data), "--out-dir", str(tmp_path / "floor"), "--methods", "sft", "adaptive_probe",
-         "--beta-min", "0", "--no-train"],
+         "--beta-min", "0", "--kl-scale", "0.1", "--no-train"],
         capture_output=True, text=True, timeout=900, env={**os.environ, "LIGHTNING_SAFETY_CACHE": str(tmp_path / "cache")},
     )
     assert floor.returncode == 0, floor.stderr[-3000:]
-    assert "harmful_mix_adaptive_probe_bmin0_0: missing (--no-train)" in floor.stderr
+    assert "harmful_mix_adaptive_probe_bmin0_kls0.1_0: missing (--no-train)" in floor.stderr
     assert "harmful_mix_sft_0: missing" not in floor.stderr
     kept = json.loads((tmp_path / "floor" / "zoo.json").read_text())["cells"]
     assert kept == [c for c in results["cells"] if c["method"] == "sft"]

@@ -106,6 +106,7 @@ def demo(
     max_new_tokens: int = 32,
     normalization: str = "example",
     beta_min: float = 0.1,
+    kl_scale: float = 1.0,
     seed: int = 0,
     quick: bool = False,
     progress: bool = True,
@@ -134,6 +135,8 @@ def demo(
             here the harmful rows' ~90-token answers then drown the task's 2-token answers).
         beta_min: adaptive KL's beta at risk 0, the weight that holds even a benign row to the
             reference (beta = beta_min + (0.9 - beta_min) x risk; the paper: 0.1).
+        kl_scale: factor on adaptive KL's KL term, the NLL's 1 - beta kept (the paper: 1; 0 is
+            risk-weighted SFT).
         seed: LoRA initialisation, data order and the attack mix.
         quick: tiny sizes and one epoch (a smoke test of the pipeline; the numbers mean little).
         progress: progress bars.
@@ -154,7 +157,7 @@ def demo(
     lora = LoraSettings(r=16, alpha=32, dropout=0.05, target_modules="all-linear")
     # Built first so that bad fine-tuning options are refused before any work.
     settings = FinetuneSettings(epochs=epochs, lr=lr, lora=lora, max_length=max_length, seed=seed,
-                                normalization=normalization, beta_min=beta_min)
+                                normalization=normalization, beta_min=beta_min, kl_scale=kl_scale)
     out = Path(output)
     if out.exists() and not out.is_dir():
         raise DataError(f"output {out} is a file: give a folder for demo.md and demo.json")
@@ -247,7 +250,7 @@ def demo(
                   "compliant_answers": len(harmful_rows)},
         "settings": {"epochs": epochs, "lr": lr, "max_length": max_length, "harmful_fraction": harmful_fraction, "align_epochs": align_epochs,
                      "probe_layer": probe_layer, "max_new_tokens": max_new_tokens, "normalization": normalization,
-                     "beta_min": beta_min, "seed": seed},
+                     "beta_min": beta_min, "kl_scale": kl_scale, "seed": seed},
         "results": results,
     }
     text = "\n".join([

@@ -32,6 +32,7 @@ from torch import nn
 
 from lightning_safety.errors import LightningSafetyError
 from lightning_safety.experiments.recipe import fine_tune
+from lightning_safety.losses import check_kl_scale
 from lightning_safety.models import LoraSettings, load_tokenizer
 from lightning_safety.risk.compose import MaxRisk
 from lightning_safety.risk.estimators import JudgeRisk, ProbeRisk
@@ -106,6 +107,8 @@ class FinetuneSettings:
             weighs the same; see :class:`~lightning_safety.module.SafeFineTuning`).
         reference_cache_top_k: read the reference from a top-k reference cache written before
             training (None: run the reference every step).
+        kl_scale: a factor on the adaptive and constant-KL methods' KL term, leaving the NLL's
+            ``1 - beta`` as it is (1: the paper; see :func:`~lightning_safety.losses.adaptive_kl_loss`).
     """
 
     epochs: int = 2
@@ -118,6 +121,7 @@ class FinetuneSettings:
     beta_max: float = 0.9
     normalization: str = "token"
     reference_cache_top_k: int | None = None
+    kl_scale: float = 1.0
 
     def __post_init__(self) -> None:
         for name in ("epochs", "max_length", "batch_size"):
@@ -130,6 +134,10 @@ class FinetuneSettings:
             raise MethodError(f"beta_min={self.beta_min}, beta_max={self.beta_max}: need 0 <= beta_min <= beta_max <= 1")
         if self.normalization not in ("token", "example"):
             raise MethodError(f"normalization={self.normalization!r} is invalid: use 'token' or 'example'")
+        try:
+            check_kl_scale(self.kl_scale)
+        except LightningSafetyError as error:
+            raise MethodError(str(error)) from None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -221,7 +229,7 @@ def finetune(
         str(model), rows, tokenizer, schedule=schedule, lora=settings.lora, epochs=settings.epochs, lr=settings.lr,
         weight_decay=0.0, max_length=settings.max_length, batch_size=settings.batch_size, seed=settings.seed,
         normalization=settings.normalization, callbacks=[*risk_callbacks, *callbacks], progress=progress,
-        reference_cache_top_k=settings.reference_cache_top_k,
+        reference_cache_top_k=settings.reference_cache_top_k, kl_scale=settings.kl_scale,
     )
     risk: dict[str, float] = {}
     failures = 0

@@ -65,6 +65,7 @@ def fine_tune(
     callbacks: Sequence[Any] = (),
     progress: bool = False,
     reference_cache_top_k: int | None = None,
+    kl_scale: float = 1.0,
 ) -> FineTuned:
     """LoRA fine-tune ``model`` on ``rows`` on the CPU (reference: ``model`` with the adapter off) and merge the LoRA.
 
@@ -93,6 +94,7 @@ def fine_tune(
         reference_cache_top_k: run the reference once over the rows before training and read its
             top-k log-probabilities from a reference cache at every step (None: run it every step).
             Its time counts in ``seconds``.
+        kl_scale: the factor on the KL term (see ``SafeFineTuning``).
     """
     # Imported here: Lightning costs seconds, and ``lightning-safety --help`` imports the experiments.
     import lightning as L
@@ -111,6 +113,7 @@ def fine_tune(
             reference="adapter_disabled",  # one copy of the weights; with beta = 0 it is never run
             schedule=schedule,
             normalization=normalization,
+            kl_scale=kl_scale,
             optimizer=lambda params: torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay),
         )
         with tempfile.TemporaryDirectory(prefix="lightning-safety-finetune-") as root:
