@@ -117,13 +117,15 @@ DEFAULT_KL_SCALE = FinetuneSettings.kl_scale  # the paper's 1
 
 
 def cell_key(attack: str, method: str, seed: int, margin: float | None, beta_min: float | None = None,
-             kl_scale: float | None = None) -> str:
-    """A cell's cache name; a drift controller's cells also name their budget margin, an adaptive
-    method's cells their beta floor, and a KL method's cells their KL scale, when not the default."""
+             kl_scale: float | None = None, drift_floor: str | None = None) -> str:
+    """A cell's cache name; a drift controller's cells also name their budget margin (and ``_klfloor``
+    when the controller moves the KL scale's floor), an adaptive method's cells their beta floor, and
+    a KL method's cells their KL scale, when not the default."""
     floor = "" if beta_min in (None, DEFAULT_BETA_MIN) or not method.startswith("adaptive") else f"_bmin{beta_min:g}"
     if kl_scale not in (None, DEFAULT_KL_SCALE) and (method.startswith("adaptive") or method == "constant_kl"):
         floor += f"_kls{kl_scale:g}"
     if method.endswith("_drift"):
+        floor += "_klfloor" if drift_floor == "kl_scale_floor" else ""
         return f"{attack}_{method}{floor}_m{margin if margin is not None else DEFAULT_DRIFT_MARGIN:g}_{seed}"
     return f"{attack}_{method}{floor}_{seed}"
 
@@ -414,6 +416,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--drift-every", type=int, default=2, help="optimizer steps between drift measurements")
     parser.add_argument("--drift-margin", type=float, default=DEFAULT_DRIFT_MARGIN,
                         help="drift budget = this x the largest drift of a clean task fine-tune")
+    parser.add_argument("--drift-floor", choices=["beta_floor", "kl_scale_floor"], default="beta_floor",
+                        help="what the drift controller raises: every row's beta (default) or the KL term's scale "
+                             "(up to 1, the paper's; with --kl-scale below 1)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--attacks", nargs="+", default=list(zoo.ATTACKS))
     parser.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS))
@@ -508,6 +513,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     config["drift_margin"] = DEFAULT_DRIFT_MARGIN
     config.pop("beta_min")  # likewise: the cells that read it carry it in their names
     config.pop("kl_scale")
+    config.pop("drift_floor")
     if config.pop("cache_top_k") != DEFAULT_CACHE_TOP_K:  # only the *_cached cells read it
         config["cache_top_k"] = args.cache_top_k
     if config.pop("estimator_mix") != "plain":  # a new mix is new estimators and cells; the default keeps old keys
@@ -523,7 +529,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                  "give the same sizes and seeds of the split")
         done = {"aligned": earlier["aligned"],
                 **{cell_key(c["attack"], c["method"], c["seed"], c.get("drift_margin"), c.get("beta_min"),
-                                  c.get("kl_scale")): c
+                                  c.get("kl_scale"), c.get("drift_floor")): c
                    for c in earlier["cells"]}}
         if earlier.get("estimators"):
             done["estimators"] = earlier["estimators"]
@@ -687,7 +693,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     def drift_controller(budget: float | None) -> SafetyDriftController:
         return SafetyDriftController(canaries, every_n_steps=args.drift_every, budget=budget, step=0.3,
-                                     max_floor=0.9, recover=0.5, max_tokens=16)
+                                     max_floor=1.0 if args.drift_floor == "kl_scale_floor" else 0.9, recover=0.5,
+                                     max_tokens=16, floor_attribute=args.drift_floor)
 
     def calibration_cell() -> dict[str, Any]:
         """The defender's clean run: the task rows alone, probe-adaptive, drift monitored (no control)."""
@@ -730,7 +737,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 "estimator": estimator_rates(result.risk, rows, flag="is_attack") if result.risk else None,
                 "risk_failures": result.failures,
                 "drift": controllers[0].history if controllers else None,
-                "drift_margin": args.drift_margin if controllers else None, "drift_budget": budget if controllers else None}
+                "drift_margin": args.drift_margin if controllers else None, "drift_budget": budget if controllers else None,
+                "drift_floor": args.drift_floor if controllers else None}
         log(f"  ASR {json.dumps({k: round(v['rate'], 3) for k, v in by_condition.items()})}, over-refusal "
             f"{pct(rate(cell, 'safety/over_refusal'))}%, SST-2 {pct(rate(cell, 'utility/sst2'))}% "
             f"(train {result.seconds:.0f} s, eval {seconds:.0f} s)")
@@ -787,7 +795,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     first = args.seeds[0]
     for attack_name in args.attacks:
         for name in args.methods:
-            add(cached(cell_key(attack_name, name, first, args.drift_margin, args.beta_min, args.kl_scale),
+            add(cached(cell_key(attack_name, name, first, args.drift_margin, args.beta_min, args.kl_scale, args.drift_floor),
                        lambda a=attack_name, n=name: run_cell(a, n, first)))
     best, scores = best_defence(summarize({**results, "cells": cells, "conditions": conditions, "aligned": aligned}))
     results.update({"best_defence": best, "best_scores": scores})
@@ -796,7 +804,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for attack_name in args.attacks:
             extra = [best if m == "best" else m for m in args.extra_seed_methods]
             for name in dict.fromkeys(m for m in extra if m is not None and m in args.methods):
-                add(cached(cell_key(attack_name, name, seed, args.drift_margin, args.beta_min, args.kl_scale),
+                add(cached(cell_key(attack_name, name, seed, args.drift_margin, args.beta_min, args.kl_scale, args.drift_floor),
                            lambda a=attack_name, n=name, s=seed: run_cell(a, n, s)))
     write_outputs()
     log(f"wrote {out_dir / 'zoo.md'}, zoo.json, zoo.png")

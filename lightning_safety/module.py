@@ -126,6 +126,9 @@ class SafeFineTuning(L.LightningModule):
         beta_floor: every row's beta is at least this (0 by default); set during training by
             :class:`~lightning_safety.callbacks.SafetyDriftController` while the model drifts from
             safety on its canary requests.
+        kl_scale_floor: the KL term's scale is at least this (0 by default); set during training by
+            ``SafetyDriftController(floor_attribute="kl_scale_floor")``: a run with a small
+            ``kl_scale`` gets its KL back while the model drifts from safety.
 
     Example::
 
@@ -205,6 +208,7 @@ class SafeFineTuning(L.LightningModule):
         self.fused_output_layer = chunk_size is not None if fused_output_layer is None else bool(fused_output_layer)
         self._policy_parts: Any = _UNCHECKED
         self.beta_floor = 0.0
+        self.kl_scale_floor = 0.0
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
         self.policy: nn.Module | None = None
@@ -385,9 +389,14 @@ class SafeFineTuning(L.LightningModule):
             normalization=self.normalization,
             chunk_size=self.chunk_size,
             reference_rows=ref_rows,
-            kl_scale=self.kl_scale,
+            kl_scale=self.effective_kl_scale,
         )
         return out, risk, beta
+
+    @property
+    def effective_kl_scale(self) -> float:
+        """The KL term's scale now: ``max(kl_scale, kl_scale_floor)``."""
+        return max(self.kl_scale, float(self.kl_scale_floor))
 
     def _reference_for(
         self, batch: Mapping[str, Any], beta: Tensor, keep: int
@@ -398,7 +407,7 @@ class SafeFineTuning(L.LightningModule):
         From the reference cache when one is set (no forward), else from the reference's forward.
         """
         input_ids, attention_mask = batch["input_ids"], batch.get("attention_mask")
-        if self.kl_scale == 0.0:  # no KL term: nothing reads the reference
+        if self.effective_kl_scale == 0.0:  # no KL term: nothing reads the reference
             return None, None
         rows = torch.nonzero(beta > 0).squeeze(1)
         cache = self._active_cache()

@@ -102,6 +102,34 @@ def test_fault_raises_the_floor_and_recovery_lowers_it(tiny_model_dir, tmp_path)
     assert module.beta_floor == 0.0
 
 
+def test_the_controller_can_raise_the_kl_scale_instead(tiny_model_dir, tmp_path):
+    """floor_attribute="kl_scale_floor": a run without KL (kl_scale 0) gets it back while, and only while, the fault lasts."""
+    controller = SafetyDriftController(CANARIES, every_n_steps=1, budget=0.05, step=0.5, max_floor=1.0, max_tokens=6,
+                                       floor_attribute="kl_scale_floor")
+
+    class Scales(L.Callback):
+        def __init__(self) -> None:
+            self.rows: list[tuple[int, float]] = []
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+            self.rows.append((trainer.global_step, pl_module.effective_kl_scale))
+
+    scales = Scales()
+    module = SafeFineTuning(str(tiny_model_dir), reference="model_copy", schedule=ConstantBeta(0.5), kl_scale=0.0,
+                            optimizer=lambda params: torch.optim.SGD(params, lr=0.0))
+    run = trainer([Fault(on=2, off=6), controller, scales], 10, tmp_path)
+    run.fit(module, datamodule=data(tiny_model_dir))
+    history = {int(h["step"]): h for h in controller.history}
+    assert [history[s]["floor"] for s in range(1, 11)] == pytest.approx([0, 0, 0.5, 1.0, 1.0, 1.0, 0.5, 0, 0, 0])
+    # The loss of step s used the scale set at step s (the controller acts after each optimizer step).
+    assert [scale for _, scale in scales.rows] == pytest.approx(
+        [history[s]["floor"] if s > 0 else 0.0 for s, _ in scales.rows])
+    assert module.kl_scale_floor == 0.0 and module.beta_floor == 0.0
+    assert run.callback_metrics["safety/kl_scale_floor"].item() == 0.0
+    with pytest.raises(LightningSafetyError, match="floor_attribute='beta'"):
+        SafetyDriftController(CANARIES, floor_attribute="beta")
+
+
 def test_monitor_only_logs_drift_and_leaves_beta_alone(tiny_model_dir, tmp_path):
     class Plain(L.LightningModule):  # a module of someone else's, without beta_floor
         def __init__(self):

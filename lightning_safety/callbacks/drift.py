@@ -24,6 +24,9 @@ logger = logging.getLogger("lightning_safety.callbacks.drift")
 __all__ = ["SafetyDriftController"]
 
 
+FLOOR_ATTRIBUTES = ("beta_floor", "kl_scale_floor")
+
+
 class SafetyDriftController(Callback):
     """Measure safety drift on canary requests every few steps; raise every row's beta floor while it is too high.
 
@@ -34,13 +37,17 @@ class SafetyDriftController(Callback):
     (one forward pass over the canaries, no generation) and logged as ``safety/drift`` (nats per
     token). With a ``budget``, it is a controller too: while drift exceeds the budget, the beta floor
     rises by ``step`` (up to ``max_floor``); once drift is back under ``recover * budget`` it falls by
-    ``step`` (down to 0). The floor is logged as ``safety/beta_floor``.
+    ``step`` (down to 0). The floor is logged as ``safety/beta_floor``. With
+    ``floor_attribute="kl_scale_floor"`` the controller moves the floor of the KL term's scale instead
+    (``kl_scale = max(kl_scale, kl_scale_floor)``, see :class:`~lightning_safety.module.SafeFineTuning`):
+    a run trained with a small ``kl_scale`` for its task gets the paper's full KL back while, and only
+    while, its canaries drift; logged as ``safety/kl_scale_floor``.
 
     Contract with the LightningModule (any, not only ours): it exposes its Hugging Face causal LM as
     ``policy`` or ``model`` (or ``model_attr``), its tokenizer as ``tokenizer`` (or pass
-    ``tokenizer``), and a float attribute ``beta_floor`` that its loss applies as
-    ``beta = max(beta, beta_floor)`` for every row (:class:`~lightning_safety.module.SafeFineTuning`
-    does). The model as it is when fitting starts is the safe point drift is measured from; the
+    ``tokenizer``), and a float attribute ``beta_floor`` (or the one named by ``floor_attribute``)
+    that its loss applies as ``beta = max(beta, beta_floor)`` for every row
+    (:class:`~lightning_safety.module.SafeFineTuning` does). The model as it is when fitting starts is the safe point drift is measured from; the
     canaries' answers and log-probs are kept in checkpoints, so a resumed run measures from the
     same point. Under DDP/FSDP every rank scores every canary and rank 0's drift is broadcast, so
     all ranks take the same decision.
@@ -57,10 +64,12 @@ class SafetyDriftController(Callback):
         tokenizer: a tokenizer or its name; default the module's or the datamodule's ``tokenizer``.
         model_attr: dotted attribute of the causal LM, if not ``policy``/``model``.
         batch_size: canaries per forward pass.
+        floor_attribute: the module attribute the controller sets: ``beta_floor`` (every row's beta)
+            or ``kl_scale_floor`` (the KL term's scale).
 
     Raises:
-        LightningSafetyError: invalid arguments (at construction) or a module without ``beta_floor``
-            while a budget is set (at fit start).
+        LightningSafetyError: invalid arguments (at construction) or a module without the floor
+            attribute while a budget is set (at fit start).
 
     Example::
 
@@ -83,6 +92,7 @@ class SafetyDriftController(Callback):
         tokenizer: Any = None,
         model_attr: str | None = None,
         batch_size: int = 16,
+        floor_attribute: str = "beta_floor",
     ) -> None:
         if isinstance(canaries, str) or not canaries or not all(isinstance(c, str) and c.strip() for c in canaries):
             raise LightningSafetyError("SafetyDriftController needs canaries: a non-empty list of harmful requests")
@@ -96,6 +106,10 @@ class SafetyDriftController(Callback):
                 "0 <= recover < 1")
         if max_tokens < 1 or batch_size < 1:
             raise LightningSafetyError(f"max_tokens={max_tokens}, batch_size={batch_size}: use positive integers")
+        if floor_attribute not in FLOOR_ATTRIBUTES:
+            raise LightningSafetyError(
+                f"floor_attribute={floor_attribute!r} is invalid: use one of {', '.join(FLOOR_ATTRIBUTES)}")
+        self.floor_attribute = floor_attribute
         self.requests = [c.strip() for c in canaries]
         self.every_n_steps = every_n_steps
         self.budget = None if budget is None else float(budget)
@@ -111,16 +125,19 @@ class SafetyDriftController(Callback):
 
     @property
     def state_key(self) -> str:
+        other = {} if self.floor_attribute == "beta_floor" else {"floor_attribute": self.floor_attribute}
         return self._generate_state_key(every_n_steps=self.every_n_steps, budget=self.budget,
-                                        canaries=len(self.requests))
+                                        canaries=len(self.requests), **other)
 
     # ------------------------------------------------------------------ hooks
     @override
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.budget is not None and not hasattr(pl_module, "beta_floor"):
+        name = self.floor_attribute
+        if self.budget is not None and not hasattr(pl_module, name):
+            applied = "beta = max(beta, beta_floor)" if name == "beta_floor" else "kl_scale = max(kl_scale, kl_scale_floor)"
             raise LightningSafetyError(
-                f"{type(pl_module).__name__} has no beta_floor: the controller raises it; add a float attribute "
-                "`beta_floor` that the loss applies as beta = max(beta, beta_floor), or set budget=None to monitor only")
+                f"{type(pl_module).__name__} has no {name}: the controller raises it; add a float attribute "
+                f"`{name}` that the loss applies as {applied}, or set budget=None to monitor only")
         model = find_causal_lm(pl_module, self.model_attr)
         tokenizer = self._resolve_tokenizer(trainer, pl_module)
         self._pad_id = resolve_pad_token_id(tokenizer)
@@ -149,7 +166,7 @@ class SafetyDriftController(Callback):
         self.history.append({"step": float(step), "drift": self.drift, "floor": self.floor})
         self._apply_floor(pl_module)
         pl_module.log("safety/drift", self.drift, on_step=True, on_epoch=False, batch_size=1, rank_zero_only=False)
-        pl_module.log("safety/beta_floor", self.floor, on_step=True, on_epoch=False, batch_size=1)
+        pl_module.log(f"safety/{self.floor_attribute}", self.floor, on_step=True, on_epoch=False, batch_size=1)
 
     def _control(self) -> None:
         if self.budget is None or self.drift is None:
@@ -161,12 +178,12 @@ class SafetyDriftController(Callback):
             self.floor = max(0.0, self.floor - self.step)
         self.floor = round(self.floor, 10)
         if self.floor != before:
-            logger.info("safety drift %.3f (budget %.3f): beta floor %.2f -> %.2f", self.drift, self.budget, before,
-                        self.floor)
+            logger.info("safety drift %.3f (budget %.3f): %s %.2f -> %.2f", self.drift, self.budget,
+                        self.floor_attribute, before, self.floor)
 
     def _apply_floor(self, pl_module: L.LightningModule) -> None:
         if self.budget is not None:
-            pl_module.beta_floor = self.floor
+            setattr(pl_module, self.floor_attribute, self.floor)
 
     def _resolve_tokenizer(self, trainer: L.Trainer, pl_module: L.LightningModule) -> Any:
         self.tokenizer_spec = resolve_tokenizer(self.tokenizer_spec, trainer, pl_module, type(self).__name__)
