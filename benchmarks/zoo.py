@@ -293,7 +293,8 @@ def write_markdown(path: Path, results: dict[str, Any]) -> str:
     drift_cells = [c for c in results["cells"] if c.get("drift")]
     if drift_cells:
         drift = results["drift"]
-        lines += ["", "## The drift controller: canary drift (nats per response token) and the beta floor it set", "",
+        what = "KL scale's floor" if drift.get("floor_attribute") == "kl_scale_floor" else "beta floor"
+        lines += ["", f"## The drift controller: canary drift (nats per response token) and the {what} it set", "",
                   f"Budget {drift['budget']:.4f} = {drift['margin']:g} x {drift['calibration']['max_drift']:.4f}, the largest "
                   f"drift of a clean fine-tune on the task rows (the defender's side); {drift['canaries']} canaries, every "
                   f"{drift['every_n_steps']} optimizer steps.", "",
@@ -758,7 +759,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                "details": {k: v for k, v in a.details.items()}} for name, a in attacks.items()},
             "estimators": estimators,
             "drift": {"calibration": calibration, "budget": budget, "canaries": len(canaries),
-                      "every_n_steps": args.drift_every, "margin": args.drift_margin},
+                      "every_n_steps": args.drift_every, "margin": args.drift_margin, "floor_attribute": args.drift_floor},
             "setup": {
                 "quick": args.quick, "model": args.model, "seeds": args.seeds, "split_seed": args.split_seed,
                 "extra_seed_methods": args.extra_seed_methods,
