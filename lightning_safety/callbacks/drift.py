@@ -47,10 +47,10 @@ class SafetyDriftController(Callback):
     ``policy`` or ``model`` (or ``model_attr``), its tokenizer as ``tokenizer`` (or pass
     ``tokenizer``), and a float attribute ``beta_floor`` (or the one named by ``floor_attribute``)
     that its loss applies as ``beta = max(beta, beta_floor)`` for every row
-    (:class:`~lightning_safety.module.SafeFineTuning` does). The model as it is when fitting starts is the safe point drift is measured from; the
-    canaries' answers and log-probs are kept in checkpoints, so a resumed run measures from the
-    same point. Under DDP/FSDP every rank scores every canary and rank 0's drift is broadcast, so
-    all ranks take the same decision.
+    (:class:`~lightning_safety.module.SafeFineTuning` does). The model as it is when fitting starts
+    is the safe point drift is measured from; the canaries' answers and log-probs are kept in
+    checkpoints, so a resumed run measures from the same point. Under DDP/FSDP every rank scores
+    every canary and rank 0's drift is broadcast, so all ranks take the same decision.
 
     Args:
         canaries: harmful requests held by the defender (never trained on).
