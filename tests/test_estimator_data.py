@@ -9,6 +9,7 @@ import pytest
 
 from lightning_safety.demo_data import (
     WRAPPER_SET,
+    add_wrapped_copies,
     default_estimator_data,
     load_demo_prompts,
     load_demo_rows,
@@ -87,3 +88,20 @@ def test_framed_mix_is_seeded_and_stable_when_a_category_is_held_out():
     assert set(held_h) <= set(full_h) and set(held_b) <= set(full_b)
     fraud = {r["prompt"] for r in load_demo_rows("harmful") if r["category"] == "fraud"}
     assert not any(request in text for text in held_h for request in fraud)
+
+
+def test_wrapped_copies_of_a_list_follow_each_prompt_not_the_list():
+    canaries = [r["prompt"] for r in load_demo_rows("harmful")[:20]]
+    framed = add_wrapped_copies(canaries)
+    assert framed[:20] == canaries and len(framed) == 40
+    templates = load_wrappers()
+    unwrapped = [_unwrap(text, templates) for text in framed[20:]]
+    assert [request for _, request in unwrapped] == canaries  # each request once, in order
+    assert len({name for name, _ in unwrapped}) >= 5  # spread over the templates
+    # A prompt's wrapper depends on the prompt and the seed alone, not on its neighbours.
+    assert add_wrapped_copies(canaries[5:])[15:] == framed[25:]
+    assert add_wrapped_copies(canaries, seed=1)[20:] != framed[20:]
+    assert add_wrapped_copies([" A ", "a", ""], 0) == ["A"]  # stripped, repeats and blanks dropped
+    assert len(add_wrapped_copies(canaries, 7)) == 27
+    with pytest.raises(DataError, match="count=-1"):
+        add_wrapped_copies(canaries, -1)

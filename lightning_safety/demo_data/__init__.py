@@ -41,8 +41,8 @@ WRAPPER_SET = "wrappers"
 _SPECIAL_SETS = {PAIR_SET: "pairs, not prompts: use load_topic_pairs()",
                  WRAPPER_SET: "templates, not prompts: use load_wrappers()"}
 
-__all__ = ["DEMO_DATA", "DEMO_SETS", "PAIR_SET", "WRAPPER_SET", "default_estimator_data", "demo_data_path",
-           "harm_categories", "load_demo_prompts", "load_demo_rows", "load_topic_pairs", "load_wrappers", "wrap"]
+__all__ = ["DEMO_DATA", "DEMO_SETS", "PAIR_SET", "WRAPPER_SET", "add_wrapped_copies", "default_estimator_data",
+           "demo_data_path", "harm_categories", "load_demo_prompts", "load_demo_rows", "load_topic_pairs", "load_wrappers", "wrap"]
 
 
 def demo_data_path(name: str) -> Path:
@@ -176,14 +176,32 @@ def default_estimator_data(
 
 def _add_wrapped(harmful: list[str], benign: list[str], framed: int | None, seed: int) -> tuple[list[str], list[str]]:
     """Both sides with wrapped copies of ``framed`` of their own prompts added (see default_estimator_data)."""
+    return add_wrapped_copies(harmful, framed, seed=seed), add_wrapped_copies(benign, framed, seed=seed)
+
+
+def add_wrapped_copies(prompts: Sequence[str], count: int | None = None, *, seed: int = 0) -> list[str]:
+    """``prompts`` followed by a copy of ``count`` of them, each put in one of the :func:`load_wrappers` templates.
+
+    Which prompts are copied and which template each gets follow a seeded hash of the prompt (case-
+    insensitive), so a prompt gets the same wrapper whatever else is in the list, in every process.
+    Used for estimator training data (``default_estimator_data(framed=...)``) and for drift canaries
+    that see through a disguise (``SafetyDriftController(add_wrapped_copies(canaries))``).
+
+    Args:
+        prompts: requests (stripped; blank ones and case-insensitive repeats dropped).
+        count: how many to copy; None or more than there are: all of them.
+        seed: the hash's seed.
+
+    Raises:
+        DataError: a negative ``count``.
+    """
+    if count is not None and count < 0:
+        raise DataError(f"count={count} is invalid: give a number >= 0, or None for all")
     templates = list(load_wrappers().values())
-
-    def side(prompts: list[str]) -> list[str]:
-        keys = {p: _key(seed, p) for p in prompts}
-        chosen = set(sorted(prompts, key=keys.__getitem__)[: len(prompts) if framed is None else framed])
-        return _distinct([*prompts, *(wrap(templates[keys[p][1] % len(templates)], p) for p in prompts if p in chosen)])
-
-    return side(harmful), side(benign)
+    prompts = _distinct(prompts)
+    keys = {p: _key(seed, p) for p in prompts}
+    chosen = set(sorted(prompts, key=keys.__getitem__)[: len(prompts) if count is None else count])
+    return _distinct([*prompts, *(wrap(templates[keys[p][1] % len(templates)], p) for p in prompts if p in chosen)])
 
 
 def _key(seed: int, prompt: str) -> tuple[int, int]:
