@@ -56,6 +56,7 @@ import shlex
 import statistics
 import sys
 import time
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -69,7 +70,12 @@ from benchmarks.common import DEFAULT_DATA, DEFAULT_OUT, T0, fail, log, pct, rea
 from lightning_safety.experiments.alignment import DEFAULT_REFUSALS, AlignmentSettings, build_aligned_reference  # noqa: E402
 from lightning_safety.callbacks import SafetyDriftController  # noqa: E402
 from lightning_safety.data.prompts import PromptSource  # noqa: E402
-from lightning_safety.demo_data import default_estimator_data, load_demo_prompts, load_demo_rows  # noqa: E402
+from lightning_safety.demo_data import (  # noqa: E402
+    add_wrapped_copies,
+    default_estimator_data,
+    load_demo_prompts,
+    load_demo_rows,
+)
 from lightning_safety.evaluation.generation import GenerationSettings  # noqa: E402
 from lightning_safety.evaluation.runner import SafetyEvaluator  # noqa: E402
 from lightning_safety.evaluation.utility import SST2_TEMPLATE, UtilityTask  # noqa: E402
@@ -116,24 +122,54 @@ DEFAULT_BETA_MIN = FinetuneSettings.beta_min  # the paper's 0.1
 DEFAULT_KL_SCALE = FinetuneSettings.kl_scale  # the paper's 1
 
 
-def cell_key(attack: str, method: str, seed: int, margin: float | None, beta_min: float | None = None,
-             kl_scale: float | None = None, drift_floor: str | None = None) -> str:
-    """A cell's cache name; a drift controller's cells also name their budget margin (and ``_klfloor``
-    when the controller moves the KL scale's floor), an adaptive method's cells their beta floor, and
-    a KL method's cells their KL scale, when not the default."""
-    floor = "" if beta_min in (None, DEFAULT_BETA_MIN) or not method.startswith("adaptive") else f"_bmin{beta_min:g}"
-    if kl_scale not in (None, DEFAULT_KL_SCALE) and (method.startswith("adaptive") or method == "constant_kl"):
-        floor += f"_kls{kl_scale:g}"
-    if method.endswith("_drift"):
-        floor += "_klfloor" if drift_floor == "kl_scale_floor" else ""
-        return f"{attack}_{method}{floor}_m{margin if margin is not None else DEFAULT_DRIFT_MARGIN:g}_{seed}"
-    return f"{attack}_{method}{floor}_{seed}"
+DEFAULT_BETA_MAX = FinetuneSettings.beta_max  # the paper's 0.9
 
 
+def reads_kl_scale(method: str) -> bool:
+    """Whether ``method`` (a zoo method name, suffixes included) has a KL term for ``--kl-scale`` to scale."""
+    return method.startswith("adaptive") or method == "constant_kl"
 
 
+@dataclass(frozen=True)
+class CellSettings:
+    """The settings a cell's name carries when they are not the default, so that runs with other
+    values of them share every other cell. Read from the command line's namespace or from a cell record
+    (same field names; a record holds None for what its method does not read)."""
+
+    beta_min: float | None = None
+    beta_max: float | None = None
+    kl_scale: float | None = None
+    drift_margin: float | None = None
+    drift_floor: str | None = None
+    framed_canaries: bool | None = None
+
+    @classmethod
+    def of(cls, values: dict[str, Any]) -> CellSettings:
+        return cls(**{f.name: values.get(f.name) for f in fields(cls)})
+
+    def suffix(self, method: str) -> str:
+        """``_bmin<v>`` / ``_bmax<v>`` (adaptive methods' beta range) and ``_kls<v>`` (KL methods' KL scale)
+        for the non-default settings ``method`` reads; empty at the defaults."""
+        adaptive = method.startswith("adaptive")
+        suffix = "" if self.beta_min in (None, DEFAULT_BETA_MIN) or not adaptive else f"_bmin{self.beta_min:g}"
+        suffix += "" if self.beta_max in (None, DEFAULT_BETA_MAX) or not adaptive else f"_bmax{self.beta_max:g}"
+        if self.kl_scale not in (None, DEFAULT_KL_SCALE) and reads_kl_scale(method):
+            suffix += f"_kls{self.kl_scale:g}"
+        return suffix
+
+    def drift_suffix(self) -> str:
+        """``_klfloor`` when the drift controller moves the KL scale's floor, ``_fc`` when its canaries
+        include wrapped copies, then ``_m<margin>``."""
+        margin = self.drift_margin if self.drift_margin is not None else DEFAULT_DRIFT_MARGIN
+        return (("_klfloor" if self.drift_floor == "kl_scale_floor" else "") + ("_fc" if self.framed_canaries else "")
+                + f"_m{margin:g}")
 
 
+def cell_key(attack: str, method: str, seed: int, settings: CellSettings) -> str:
+    """A cell's cache name: attack, method, the non-default settings it reads, a drift controller's
+    settings (drift methods only) and the seed."""
+    drift = settings.drift_suffix() if method.endswith("_drift") else ""
+    return f"{attack}_{method}{settings.suffix(method)}{drift}_{seed}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -405,10 +441,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--beta", type=float, default=0.5, help="constant KL's beta (the replication's pick)")
     parser.add_argument("--beta-min", type=float, default=DEFAULT_BETA_MIN,
                         help="the adaptive methods' beta at risk 0 (their cells name it when it is not the default)")
+    parser.add_argument("--beta-max", type=float, default=DEFAULT_BETA_MAX,
+                        help="the adaptive methods' beta at risk 1 (their cells name it when it is not the default)")
     parser.add_argument("--kl-scale", type=float, default=DEFAULT_KL_SCALE,
                         help="factor on the KL term of the KL methods, the NLL's 1 - beta kept (their cells name it "
                              "when it is not the default)")
     parser.add_argument("--canaries", type=int, default=32, help="the defender's harmful canary requests (drift)")
+    parser.add_argument("--framed-canaries", action="store_true",
+                        help="add a copy of each canary in one of the package's disguise wrappers (add_wrapped_copies; "
+                             "the drift cells and their calibration are named _fc)")
     parser.add_argument("--estimator-mix", choices=["plain", "pairs", "framed", "pairs_framed"], default="plain",
                         help="the estimators' training data: 'plain' (harmful vs benign + borderline, the committed "
                              "results), 'pairs' (+ all 240 topic-matched pairs: default_estimator_data(pairs=None)), "
@@ -448,7 +489,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if unknown:
             fail(f"unknown {name} {unknown}: use some of {', '.join(known)}")
     try:  # the settings' own checks, before any work
-        FinetuneSettings(beta_min=args.beta_min, kl_scale=args.kl_scale)
+        FinetuneSettings(beta_min=args.beta_min, beta_max=args.beta_max, kl_scale=args.kl_scale)
     except MethodError as error:
         fail(str(error))
     return args
@@ -505,6 +546,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         estimator_harmful = [r["prompt"] for r in builtin_harmful if r["category"] not in args.held_out]
         estimator_benign = load_demo_prompts("benign") + borderline + task_benign
     canaries = [r["prompt"] for r in builtin_harmful[args.align_harmful:]][: args.canaries]
+    if args.framed_canaries:  # the defender's own wrappers, never the attack's frames
+        canaries = add_wrapped_copies(canaries)
 
     config = {k: v for k, v in vars(args).items()
               if k not in ("out_dir", "quick", "data", "seeds", "attacks", "methods", "reuse", "extra_seed_methods",
@@ -512,15 +555,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # The drift margin changes only the drift cells, which carry it in their names: it stays at its default in
     # the key, so that runs with other margins share every other cell (and earlier runs' keys stay valid).
     config["drift_margin"] = DEFAULT_DRIFT_MARGIN
-    config.pop("beta_min")  # likewise: the cells that read it carry it in their names
+    config.pop("beta_min")  # likewise: the cells that read them carry them in their names
+    config.pop("beta_max")
     config.pop("kl_scale")
     config.pop("drift_floor")
+    config.pop("framed_canaries")
     if config.pop("cache_top_k") != DEFAULT_CACHE_TOP_K:  # only the *_cached cells read it
         config["cache_top_k"] = args.cache_top_k
     if config.pop("estimator_mix") != "plain":  # a new mix is new estimators and cells; the default keeps old keys
         config["estimator_mix"] = args.estimator_mix
     run_key = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:12]
     work = cache_root() / "zoo" / run_key
+    # The clean run is adaptive_probe: its name carries the settings that method reads, and the canaries.
+    knobs = CellSettings.of(vars(args))
+    calibration_name = ("drift_calibration" + knobs.suffix("adaptive_probe")
+                        + ("_fc" if args.framed_canaries else ""))
     (work / "cells").mkdir(parents=True, exist_ok=True)
     log(f"work folder {work}")
     if args.reuse is not None:
@@ -529,13 +578,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             fail(f"{args.reuse} was made with other settings (run key {earlier.get('run_key')}, this run {run_key}): "
                  "give the same sizes and seeds of the split")
         done = {"aligned": earlier["aligned"],
-                **{cell_key(c["attack"], c["method"], c["seed"], c.get("drift_margin"), c.get("beta_min"),
-                                  c.get("kl_scale"), c.get("drift_floor")): c
+                **{cell_key(c["attack"], c["method"], c["seed"], CellSettings.of(c)): c
                    for c in earlier["cells"]}}
         if earlier.get("estimators"):
             done["estimators"] = earlier["estimators"]
         if earlier.get("drift", {}).get("calibration"):
-            done["drift_calibration"] = earlier["drift"]["calibration"]
+            done[earlier["drift"].get("calibration_name", "drift_calibration")] = earlier["drift"]["calibration"]
         for name, cell in done.items():
             path = work / "cells" / f"{name}.json"
             if not path.is_file():
@@ -690,7 +738,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return FinetuneSettings(epochs=args.epochs_full if attack == "full_harmful" else args.epochs, lr=args.lr,
                                 lora=lora, max_length=args.max_length, batch_size=8, seed=seed,
                                 normalization=normalization or args.normalization, reference_cache_top_k=cache_top_k,
-                                beta_min=args.beta_min, kl_scale=args.kl_scale)
+                                beta_min=args.beta_min, beta_max=args.beta_max, kl_scale=args.kl_scale)
 
     def drift_controller(budget: float | None) -> SafetyDriftController:
         return SafetyDriftController(canaries, every_n_steps=args.drift_every, budget=budget, step=0.3,
@@ -705,8 +753,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         drifts = [h["drift"] for h in monitor.history]
         return {"history": monitor.history, "max_drift": max(drifts), "train_seconds": result.seconds}
 
-    calibration_name = ("drift_calibration" + ("" if args.beta_min == DEFAULT_BETA_MIN else f"_bmin{args.beta_min:g}")
-                        + ("" if args.kl_scale == DEFAULT_KL_SCALE else f"_kls{args.kl_scale:g}"))
     calibration = cached(calibration_name, calibration_cell) if any(m.endswith("_drift") for m in args.methods) else None
     budget = None if calibration is None else max(args.drift_margin * calibration["max_drift"], 0.01)
     if calibration is not None:
@@ -731,7 +777,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         rates, by_condition, seconds = evaluate(result.model, result.tokenizer, [attack_name])
         cell = {"attack": attack_name, "method": name, "seed": seed, "beta": chosen.beta,
                 "beta_min": args.beta_min if chosen.beta is None else None,
-                "kl_scale": args.kl_scale if base.startswith("adaptive") or base == "constant_kl" else None,
+                "beta_max": args.beta_max if chosen.beta is None else None,
+                "kl_scale": args.kl_scale if reads_kl_scale(base) else None,
                 "normalization": normalization or args.normalization, "rates": rates,
                 "conditions": by_condition, "train_seconds": result.seconds, "steps": result.steps,
                 "eval_seconds": seconds, "rows": len(rows), "attack_rows": sum(r["is_attack"] for r in rows),
@@ -739,7 +786,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 "risk_failures": result.failures,
                 "drift": controllers[0].history if controllers else None,
                 "drift_margin": args.drift_margin if controllers else None, "drift_budget": budget if controllers else None,
-                "drift_floor": args.drift_floor if controllers else None}
+                "drift_floor": args.drift_floor if controllers else None,
+                "framed_canaries": args.framed_canaries if controllers else None}
         log(f"  ASR {json.dumps({k: round(v['rate'], 3) for k, v in by_condition.items()})}, over-refusal "
             f"{pct(rate(cell, 'safety/over_refusal'))}%, SST-2 {pct(rate(cell, 'utility/sst2'))}% "
             f"(train {result.seconds:.0f} s, eval {seconds:.0f} s)")
@@ -758,7 +806,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                "conditions": conditions[name],
                                "details": {k: v for k, v in a.details.items()}} for name, a in attacks.items()},
             "estimators": estimators,
-            "drift": {"calibration": calibration, "budget": budget, "canaries": len(canaries),
+            "drift": {"calibration": calibration, "calibration_name": calibration_name, "budget": budget,
+                      "canaries": len(canaries),
+                      "framed_canaries": args.framed_canaries,
                       "every_n_steps": args.drift_every, "margin": args.drift_margin, "floor_attribute": args.drift_floor},
             "setup": {
                 "quick": args.quick, "model": args.model, "seeds": args.seeds, "split_seed": args.split_seed,
@@ -796,7 +846,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     first = args.seeds[0]
     for attack_name in args.attacks:
         for name in args.methods:
-            add(cached(cell_key(attack_name, name, first, args.drift_margin, args.beta_min, args.kl_scale, args.drift_floor),
+            add(cached(cell_key(attack_name, name, first, knobs),
                        lambda a=attack_name, n=name: run_cell(a, n, first)))
     best, scores = best_defence(summarize({**results, "cells": cells, "conditions": conditions, "aligned": aligned}))
     results.update({"best_defence": best, "best_scores": scores})
@@ -805,7 +855,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for attack_name in args.attacks:
             extra = [best if m == "best" else m for m in args.extra_seed_methods]
             for name in dict.fromkeys(m for m in extra if m is not None and m in args.methods):
-                add(cached(cell_key(attack_name, name, seed, args.drift_margin, args.beta_min, args.kl_scale, args.drift_floor),
+                add(cached(cell_key(attack_name, name, seed, knobs),
                            lambda a=attack_name, n=name, s=seed: run_cell(a, n, s)))
     write_outputs()
     log(f"wrote {out_dir / 'zoo.md'}, zoo.json, zoo.png")

@@ -225,15 +225,19 @@ def test_zoo_benchmark_quick_on_the_tiny_model(tmp_path, shared_data):
     assert " / seed " not in gathered.stderr
     assert json.loads((tmp_path / "gathered" / "zoo.json").read_text())["cells"] == results["cells"]
 
-    # Another beta floor or KL scale is other cells for the adaptive methods (named by them), the same ones for SFT.
+    # Another beta range or KL scale is other cells for the adaptive methods (named by them), the same ones for SFT.
     floor = subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / "zoo.py"), "--quick", "--model", TINY, "--max-length", "512", "--estimator-mix", "pairs",
          "--data", str(shared_data), "--out-dir", str(tmp_path / "floor"), "--methods", "sft", "adaptive_probe",
-         "--beta-min", "0", "--kl-scale", "0.1", "--no-train"],
+         "adaptive_probe_drift", "--beta-min", "0", "--beta-max", "1", "--kl-scale", "0.1", "--drift-floor", "kl_scale_floor",
+         "--framed-canaries", "--no-train"],
         capture_output=True, text=True, timeout=900, env={**os.environ, "LIGHTNING_SAFETY_CACHE": str(tmp_path / "cache")},
     )
     assert floor.returncode == 0, floor.stderr[-3000:]
-    assert "harmful_mix_adaptive_probe_bmin0_kls0.1_0: missing (--no-train)" in floor.stderr
+    assert "harmful_mix_adaptive_probe_bmin0_bmax1_kls0.1_0: missing (--no-train)" in floor.stderr
+    # A drift cell also names what its controller moves and its canaries; so does its calibration run.
+    assert "harmful_mix_adaptive_probe_drift_bmin0_bmax1_kls0.1_klfloor_fc_m2_0: missing (--no-train)" in floor.stderr
+    assert "drift_calibration_bmin0_bmax1_kls0.1_fc: missing (--no-train)" in floor.stderr
     assert "harmful_mix_sft_0: missing" not in floor.stderr
     kept = json.loads((tmp_path / "floor" / "zoo.json").read_text())["cells"]
     assert kept == [c for c in results["cells"] if c["method"] == "sft"]
