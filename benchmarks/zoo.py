@@ -552,14 +552,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     config = {k: v for k, v in vars(args).items()
               if k not in ("out_dir", "quick", "data", "seeds", "attacks", "methods", "reuse", "extra_seed_methods",
                            "no_train")}
-    # The drift margin changes only the drift cells, which carry it in their names: it stays at its default in
-    # the key, so that runs with other margins share every other cell (and earlier runs' keys stay valid).
+    # The settings that name cells (CellSettings) stay out of the key, so that runs with other values of them share
+    # every other cell; the drift margin stays in at its default (earlier runs' keys stay valid).
+    for name in (f.name for f in fields(CellSettings)):
+        config.pop(name)
     config["drift_margin"] = DEFAULT_DRIFT_MARGIN
-    config.pop("beta_min")  # likewise: the cells that read them carry them in their names
-    config.pop("beta_max")
-    config.pop("kl_scale")
-    config.pop("drift_floor")
-    config.pop("framed_canaries")
     if config.pop("cache_top_k") != DEFAULT_CACHE_TOP_K:  # only the *_cached cells read it
         config["cache_top_k"] = args.cache_top_k
     if config.pop("estimator_mix") != "plain":  # a new mix is new estimators and cells; the default keeps old keys
