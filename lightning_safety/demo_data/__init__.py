@@ -42,7 +42,8 @@ _SPECIAL_SETS = {PAIR_SET: "pairs, not prompts: use load_topic_pairs()",
                  WRAPPER_SET: "templates, not prompts: use load_wrappers()"}
 
 __all__ = ["DEMO_DATA", "DEMO_SETS", "PAIR_SET", "WRAPPER_SET", "add_wrapped_copies", "default_estimator_data",
-           "demo_data_path", "harm_categories", "load_demo_prompts", "load_demo_rows", "load_topic_pairs", "load_wrappers", "wrap"]
+           "demo_data_path", "harm_categories", "load_demo_prompts", "load_demo_rows", "load_topic_pairs",
+           "load_wrappers", "wrap"]
 
 
 def demo_data_path(name: str) -> Path:
@@ -185,7 +186,9 @@ def add_wrapped_copies(prompts: Sequence[str], count: int | None = None, *, seed
     Which prompts are copied and which template each gets follow a seeded hash of the prompt (case-
     insensitive), so a prompt gets the same wrapper whatever else is in the list, in every process.
     Used for estimator training data (``default_estimator_data(framed=...)``) and for drift canaries
-    that see through a disguise (``SafetyDriftController(add_wrapped_copies(canaries))``).
+    in disguise (``SafetyDriftController(add_wrapped_copies(canaries))``; in the attack zoo such
+    canaries did not catch the disguised attack: their drift stayed under a budget calibrated with
+    them, see the README's "Where the utility goes").
 
     Args:
         prompts: requests (stripped; blank ones and case-insensitive repeats dropped).
