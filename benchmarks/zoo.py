@@ -157,12 +157,20 @@ class CellSettings:
             suffix += f"_kls{self.kl_scale:g}"
         return suffix
 
+    def canary_suffix(self) -> str:
+        """``_fc`` when the drift canaries include wrapped copies."""
+        return "_fc" if self.framed_canaries else ""
+
     def drift_suffix(self) -> str:
-        """``_klfloor`` when the drift controller moves the KL scale's floor, ``_fc`` when its canaries
-        include wrapped copies, then ``_m<margin>``."""
+        """``_klfloor`` when the drift controller moves the KL scale's floor, the canaries' suffix, then
+        ``_m<margin>``."""
         margin = self.drift_margin if self.drift_margin is not None else DEFAULT_DRIFT_MARGIN
-        return (("_klfloor" if self.drift_floor == "kl_scale_floor" else "") + ("_fc" if self.framed_canaries else "")
-                + f"_m{margin:g}")
+        return ("_klfloor" if self.drift_floor == "kl_scale_floor" else "") + self.canary_suffix() + f"_m{margin:g}"
+
+    def calibration_name(self) -> str:
+        """The clean drift run's cache name: it is adaptive_probe, so it carries what that method reads, and
+        its canaries (the budget margin and the controller's floor do not change it)."""
+        return f"drift_calibration{self.suffix('adaptive_probe')}{self.canary_suffix()}"
 
 
 def cell_key(attack: str, method: str, seed: int, settings: CellSettings) -> str:
@@ -563,10 +571,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         config["estimator_mix"] = args.estimator_mix
     run_key = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:12]
     work = cache_root() / "zoo" / run_key
-    # The clean run is adaptive_probe: its name carries the settings that method reads, and the canaries.
     knobs = CellSettings.of(vars(args))
-    calibration_name = ("drift_calibration" + knobs.suffix("adaptive_probe")
-                        + ("_fc" if args.framed_canaries else ""))
+    calibration_name = knobs.calibration_name()
     (work / "cells").mkdir(parents=True, exist_ok=True)
     log(f"work folder {work}")
     if args.reuse is not None:
