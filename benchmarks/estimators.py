@@ -7,14 +7,15 @@ written for this project) in several training mixes, all built by
 
 * ``base``: harmful requests vs benign instructions;
 * ``before``: + borderline prompts (safe prompts that sound alarming) as hard negatives: the mix the
-  demo and the attack zoo trained their estimators on until now;
+  attack zoo's committed results trained their estimators on (its ``--estimator-mix plain``);
 * ``pairs``: base + the topic-matched pairs (their harmful side as harmful, their benign side as
   hard negatives);
-* ``after``: base + pairs + borderline: ``default_estimator_data()``'s default arguments (the demo,
-  ``probe fit`` and ``judge fit`` pass ``pairs=0``, i.e. ``before``);
+* ``after``: base + pairs + borderline;
 * ``before_framed`` / ``pairs_framed`` / ``after_framed``: that mix + a wrapped copy of every prompt
   on both sides (``framed=None``): the package's own disguise wrappers (``wrappers.jsonl``: screenplay,
   forum post for a friend, exam question, ...), dealt alike to harmful and benign prompts;
+  ``after_framed`` is ``default_estimator_data()``'s default arguments (what the demo, ``probe fit``
+  and ``judge fit`` train on);
   ``after_framed120``: ``after`` + wrapped copies of 120 prompts per side (a subset of
   ``after_framed``'s copies: a prompt's wrapper does not depend on how many are wrapped).
 
@@ -102,13 +103,13 @@ from lightning_safety.risk.metrics_core import auroc  # noqa: E402
 REFUSAL_LABEL = "refusal probability (RefusalRisk, aligned reference)"
 THRESHOLD = 0.5  # the demo's and the zoo's estimators flag at probability 0.5 (estimator_rates)
 MIXES: dict[str, dict[str, Any]] = {  # keyword arguments of default_estimator_data
-    "base": {"pairs": 0, "borderline": []},
-    "before": {"pairs": 0},
-    "pairs": {"borderline": []},
-    "after": {},
+    "base": {"pairs": 0, "borderline": [], "framed": 0},
+    "before": {"pairs": 0, "framed": 0},
+    "pairs": {"borderline": [], "framed": 0},
+    "after": {"framed": 0},
     "before_framed": {"pairs": 0, "framed": None},
     "pairs_framed": {"borderline": [], "framed": None},
-    "after_framed": {"framed": None},
+    "after_framed": {},  # default_estimator_data's default arguments
     "after_framed120": {"framed": 120},
 }
 SOURCE_SPLITS = {  # name -> (harmful set, benign set) of the public data
@@ -463,11 +464,12 @@ def write_outputs(out_dir: Path, result: dict[str, Any]) -> None:
         f"Environment: {result['environment']}.\n",
         "Training data: the package's prompt sets only (`lightning_safety.demo_data`), in eight mixes built by "
         "`default_estimator_data`: `base` = harmful requests vs benign instructions; `before` = + borderline prompts "
-        "as hard negatives (what the demo, the CLI and the zoo use: `pairs=0`); `pairs` = base + the topic-matched pairs "
-        "(harmful side as harmful, benign side as hard negatives); `after` = base + pairs + borderline (the function's "
-        "default arguments); `before_framed` / `pairs_framed` / `after_framed` = that mix + a wrapped copy of every "
+        "as hard negatives (the zoo's `--estimator-mix plain`); `pairs` = base + the topic-matched pairs "
+        "(harmful side as harmful, benign side as hard negatives); `after` = base + pairs + borderline; "
+        "`before_framed` / `pairs_framed` / `after_framed` = that mix + a wrapped copy of every "
         "prompt on both sides (`framed=None`) in the package's own disguise wrappers (`wrappers.jsonl`: "
-        + ", ".join(result["wrappers"]) + "; none of them a zoo frame); `after_framed120` = `after` + wrapped copies "
+        + ", ".join(result["wrappers"]) + "; none of them a zoo frame), `after_framed` being the function's default "
+        "arguments (what the demo, `probe fit` and `judge fit` train on); `after_framed120` = `after` + wrapped copies "
         "of 120 prompts per side (`framed=120`). Sizes (harmful / benign): "
         + ", ".join(f"`{m}` {n['harmful']} / {n['benign']}" for m, n in result["mix_sizes"].items()) + ".\n",
         f"Splits never seen in training: held-out category = leave one of the 12 harm categories out (its requests "

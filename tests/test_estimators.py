@@ -27,7 +27,7 @@ def _lower(prompts: list[str]) -> set[str]:
 
 
 def test_default_mix_puts_each_pair_side_on_its_label():
-    harmful, benign = default_estimator_data()
+    harmful, benign = default_estimator_data(framed=0)
     assert harmful and benign and not _lower(harmful) & _lower(benign)
     assert len(harmful) == len(set(harmful)) and len(benign) == len(set(benign))
     pairs = load_topic_pairs()
@@ -37,11 +37,15 @@ def test_default_mix_puts_each_pair_side_on_its_label():
     assert set(load_demo_prompts("harmful")) <= set(harmful)
     assert set(load_demo_prompts("benign")) | set(load_demo_prompts("borderline")) <= set(benign)
     assert (len(harmful), len(benign)) == (120 + 240, 120 + 240 + 96)
+    # The default also holds a wrapped copy of each (tests/test_estimator_data.py checks the copies).
+    framed_h, framed_b = default_estimator_data()
+    assert (framed_h[: len(harmful)], framed_b[: len(benign)]) == (harmful, benign)
+    assert (len(framed_h), len(framed_b)) == (2 * len(harmful), 2 * len(benign))
 
 
 def test_category_filter_holds_out_a_category_entirely():
     held = "fraud"
-    harmful, benign = default_estimator_data(exclude_categories=[held])
+    harmful, benign = default_estimator_data(exclude_categories=[held], framed=0)
     texts = set(harmful) | set(benign)
     assert not {r["prompt"] for r in load_demo_rows("harmful") if r["category"] == held} & texts
     held_pairs = load_topic_pairs([held])
@@ -54,12 +58,12 @@ def test_category_filter_holds_out_a_category_entirely():
 
 
 def test_given_sets_and_a_prefix_of_pairs():
-    harmful, benign = default_estimator_data(["Harm A", "harm a", "Harm B"], ["Fine A"], [], pairs=24)
+    harmful, benign = default_estimator_data(["Harm A", "harm a", "Harm B"], ["Fine A"], [], pairs=24, framed=0)
     pairs = load_topic_pairs()[:24]
     assert {r["category"] for r in pairs} == set(harm_categories())  # a prefix covers every category
     assert harmful == ["Harm A", "Harm B", *(r["harmful"] for r in pairs)]  # repeats dropped, order kept
     assert benign == ["Fine A", *(r["benign"] for r in pairs)]
-    harmful, benign = default_estimator_data(pairs=0, borderline=[])
+    harmful, benign = default_estimator_data(pairs=0, borderline=[], framed=0)
     assert (harmful, benign) == (load_demo_prompts("harmful"), load_demo_prompts("benign"))
     with pytest.raises(DataError, match="both harmful and benign"):
         default_estimator_data(["Same prompt"], ["same prompt"])
@@ -71,7 +75,7 @@ def test_judge_fit_on_embeddings_computed_once_is_fit_on_the_texts():
     from lightning_safety.risk.judges.embedding import EmbeddingJudge
     from lightning_safety.risk.text import sanitize_for_judge
 
-    harmful, benign = default_estimator_data(pairs=12, borderline=[])
+    harmful, benign = default_estimator_data(pairs=12, borderline=[], framed=0)
     harmful, benign = harmful[:24] + harmful[-12:], benign[:24] + benign[-12:]
     judge = EmbeddingJudge(device="cpu")
     metrics = judge.fit(harmful, benign, seed=0)

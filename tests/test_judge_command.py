@@ -109,23 +109,32 @@ def test_bad_judge_fit_input_is_one_line_and_leaves_nothing(prompt_files, tmp_pa
 
 
 
-def test_probe_and_judge_fit_default_to_the_package_mix(tiny_model_dir, tmp_path, capsys):
-    """Without --harmful/--benign both commands train on default_estimator_data without topic pairs (the zoo's
-    choice; --pairs adds them); --exclude_categories holds categories out; one source alone is refused."""
-    from lightning_safety.demo_data import default_estimator_data
+def test_probe_and_judge_fit_default_to_the_package_mix(tiny_model_dir, prompt_files, tmp_path, capsys):
+    """Without --harmful/--benign both commands train on default_estimator_data's default mix (topic pairs and
+    wrapped copies: the zoo's pick); --pairs/--framed/--exclude_categories change it; with your own files --framed
+    true wraps them and --pairs is refused, as is one source alone."""
+    from lightning_safety.demo_data import add_wrapped_copies, default_estimator_data
     from lightning_safety.risk.probe import ActivationProbe
 
-    harmful, benign = default_estimator_data(exclude_categories=["cybercrime"], pairs=0)
+    def seen(metrics: dict) -> int:
+        return metrics["n_train"] + metrics["n_val"]
+
+    judged = run_cli(["judge", "fit", "--output", str(tmp_path / "judge"), "--epochs", "5"])
+    assert seen(judged) == sum(map(len, default_estimator_data())) == 720 + 912
+    harmful, benign = default_estimator_data(exclude_categories=["cybercrime"], pairs=24, framed=0)
     run_cli(["probe", "fit", "--model", str(tiny_model_dir), "--output", str(tmp_path / "probe"),
-             "--exclude_categories", "[cybercrime]", "--calibration_fraction", "0", "--epochs", "5"])
-    metrics = ActivationProbe.load(tmp_path / "probe").metrics
-    assert metrics["n_train"] + metrics["n_val"] == len(harmful) + len(benign)
-    judged = run_cli(["judge", "fit", "--output", str(tmp_path / "judge"), "--epochs", "5", "--pairs", "24"])
-    assert judged["n_train"] + judged["n_val"] == sum(map(len, default_estimator_data(pairs=24)))
-    framed = run_cli(["judge", "fit", "--output", str(tmp_path / "framed"), "--epochs", "5", "--framed", "true"])
-    assert framed["n_train"] + framed["n_val"] == sum(map(len, default_estimator_data(pairs=0, framed=None)))
-    assert framed["n_train"] + framed["n_val"] == 2 * sum(map(len, default_estimator_data(pairs=0)))
-    with pytest.raises(SystemExit) as exit_info:
-        run_cli(["judge", "fit", "--output", str(tmp_path / "other"), "--harmful.path", str(tmp_path / "h.txt")])
-    assert exit_info.value.code == 2 and "give both --harmful.path and --benign.path" in capsys.readouterr().err
+             "--exclude_categories", "[cybercrime]", "--pairs", "24", "--framed", "false",
+             "--calibration_fraction", "0", "--epochs", "5"])
+    assert seen(ActivationProbe.load(tmp_path / "probe").metrics) == len(harmful) + len(benign)
+    plain = run_cli(["judge", "fit", "--output", str(tmp_path / "plain"), "--epochs", "5", "--pairs", "0",
+                     "--framed", "false"])
+    assert seen(plain) == sum(map(len, default_estimator_data(pairs=0, framed=0))) == 120 + 216
+    own = run_cli(fit_args(prompt_files, tmp_path / "own", "--framed", "true", "--epochs", "5"))
+    assert seen(own) == len(add_wrapped_copies(HARMFUL)) + len(add_wrapped_copies(BENIGN)) == 2 * (len(HARMFUL) + len(BENIGN))
+    harmful_only = ["judge", "fit", "--output", str(tmp_path / "other"), "--harmful.path", str(prompt_files / "harmful.csv")]
+    for args, words in ((fit_args(prompt_files, tmp_path / "other", "--pairs", "24"), "apply to the package's mix"),
+                        (harmful_only, "give both --harmful.path and --benign.path")):
+        with pytest.raises(SystemExit) as exit_info:
+            run_cli(args)
+        assert exit_info.value.code == 2 and words in capsys.readouterr().err
     assert not (tmp_path / "other").exists()

@@ -11,13 +11,15 @@ about the same subject in similar words: hard negatives for risk estimators
 
 :func:`default_estimator_data` is the training mix for a risk estimator (activation probe or
 judge) built from these sets: the harmful requests plus the pairs' harmful sides against the benign
-instructions plus the pairs' benign sides and the borderline prompts (hard negatives). It separates
-same-topic requests better than harmful vs benign alone (``benchmarks/estimators.py``).
+instructions plus the pairs' benign sides and the borderline prompts (hard negatives), each prompt
+also in one of the disguise wrappers below. It separates same-topic requests better than harmful vs
+benign alone (``benchmarks/estimators.py``) and is what the demo, ``probe fit`` and ``judge fit``
+train on.
 
 ``wrappers`` (13 disguise templates, :func:`load_wrappers`) were written for this project and hold no
 harmful content: each is a wrapper with a ``{request}`` slot (a screenplay scene, a forum post for a
 friend, a debate brief, an exam question, a game master's NPC, a grandmother's bedtime answer, ...).
-``default_estimator_data(framed=n)`` wraps ``n`` harmful and ``n`` benign prompts of the mix in them,
+``default_estimator_data`` wraps every prompt of the mix in one of them (``framed=n``: ``n`` per side),
 so an estimator learns to see a harmful request through a disguise without learning "a wrapper
 means harmful". Their wording differs from the attack zoo's ``DISGUISE_FRAMES``
 (``lightning_safety.experiments.frames``; no three words in a row in common), which stay an attack
@@ -108,16 +110,20 @@ def default_estimator_data(
     *,
     pairs: int | None = None,
     exclude_categories: Sequence[str] = (),
-    framed: int | None = 0,
+    framed: int | None = None,
     seed: int = 0,
 ) -> tuple[list[str], list[str]]:
     """(harmful, benign) prompts to train a risk estimator (probe or judge) on, hard negatives included.
 
     harmful = ``harmful`` + the harmful side of the topic pairs; benign = ``benign`` + the benign
-    side of the same pairs + ``borderline``. The pairs teach the estimator what is asked rather
-    than which words or topic appear: on categories it never saw, a probe trained on this mix
-    separates same-topic requests far better than one trained on harmful vs benign alone
-    (``benchmarks/results/estimators.md``).
+    side of the same pairs + ``borderline``; then a wrapped copy of every prompt of each side. The
+    pairs teach the estimator what is asked rather than which words or topic appear: on categories
+    it never saw, a probe trained on this mix separates same-topic requests far better than one
+    trained on harmful vs benign alone (AUROC 0.969 against 0.841,
+    ``benchmarks/results/estimators.md``). The wrappers give back the recall on disguised requests
+    that the pairs alone cost (the pairs' benign sides speak in the educational voice a disguise
+    imitates); in the attack zoo the full default mix held every attack within 4.2 points of the
+    aligned model's ASR on two seeds (``benchmarks/results/zoo_pairs_framed/``).
 
     Args:
         harmful: harmful requests (default: the package's ``harmful`` set).
@@ -136,8 +142,8 @@ def default_estimator_data(
             the label: the estimator has to see the request inside it. Which prompts and which
             template follow a seeded hash of each prompt, so a prompt gets the same wrapper whatever
             else is in the mix (holding a category out changes no other prompt's wrapper, and drops
-            its prompts' copies for the next ones in line). 0 (default): none; None or more than
-            a side holds: every prompt of that side.
+            its prompts' copies for the next ones in line). None (default) or more than a side
+            holds: every prompt of that side; 0: none.
         seed: the seed of that hash (nothing else depends on it).
 
     Returns:

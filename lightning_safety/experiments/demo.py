@@ -58,11 +58,12 @@ class DemoSizes:
     task_train: int = 120
     task_eval: int = 80
     task_probe: int = 40
-    probe_pairs: int = 0  # the attack zoo: topic pairs lowered the probe's recall on disguised requests
+    probe_pairs: int = 240  # topic-matched pairs on the probe's two sides (hard negatives)
+    probe_framed: bool = True  # and a copy of every probe prompt in one of the package's disguise wrappers
 
 
 QUICK_SIZES = DemoSizes(defender_harmful=16, attack_harmful=12, test_harmful=12, defender_benign=16, probe_benign=16,
-                        borderline_align=8, borderline_eval=8, task_train=24, task_eval=16, task_probe=8, probe_pairs=0)
+                        borderline_align=8, borderline_eval=8, task_train=24, task_eval=16, task_probe=8, probe_pairs=12)
 
 
 def _take(items: list[Any], start: int, count: int, what: str) -> list[Any]:
@@ -199,11 +200,15 @@ def demo(
     # task (disjoint from the task's training and evaluation rows): the defender knows the task it
     # fine-tunes on, and a probe that never saw the task's format flagged every task row of the
     # demo (FPR 100% with benign instructions alone, ~1% with 40 task rows added). The topic pairs
-    # and borderline prompts teach it intent rather than topic (benchmarks/results/estimators.md).
+    # and borderline prompts teach it intent rather than topic, the wrapped copies to see a request
+    # through a disguise (benchmarks/results/estimators.md, benchmarks/results/zoo_pairs_framed/).
     probe_harmful, probe_negatives = default_estimator_data(
-        defender_harmful, probe_benign + task_probe, borderline_align, pairs=sizes.probe_pairs)
+        defender_harmful, probe_benign + task_probe, borderline_align, pairs=sizes.probe_pairs,
+        framed=None if sizes.probe_framed else 0)
+    framing = "each also in a disguise wrapper" if sizes.probe_framed else "no wrapped copies"
     print(f"[2/5] activation probe on the aligned model (layer {probe_layer}, mean pooling, logistic; "
-          f"{len(probe_harmful)} harmful vs {len(probe_negatives)} benign prompts, {sizes.probe_pairs} topic pairs)")
+          f"{len(probe_harmful)} harmful vs {len(probe_negatives)} benign prompts, {sizes.probe_pairs} topic pairs, "
+          f"{framing})")
     ref_model, tokenizer = load_causal_lm(str(reference)), load_tokenizer(str(reference))
     probe = fit_probe(ref_model, tokenizer, probe_harmful, probe_negatives,
                       layers=[probe_layer], calibration_fraction=0.0, seed=0, progress=progress)
