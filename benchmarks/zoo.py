@@ -76,6 +76,7 @@ from lightning_safety.demo_data import (  # noqa: E402
     load_demo_prompts,
     load_demo_rows,
 )
+from lightning_safety.evaluation.drift import calibrated_budget  # noqa: E402
 from lightning_safety.evaluation.generation import GenerationSettings  # noqa: E402
 from lightning_safety.evaluation.runner import SafetyEvaluator  # noqa: E402
 from lightning_safety.evaluation.utility import SST2_TEMPLATE, UtilityTask  # noqa: E402
@@ -753,11 +754,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         monitor = drift_controller(None)
         result = finetune(str(reference), task, method("adaptive_probe"), settings("harmful_mix", args.seeds[0]),
                           probe=probe, callbacks=[monitor])
-        drifts = [h["drift"] for h in monitor.history]
-        return {"history": monitor.history, "max_drift": max(drifts), "train_seconds": result.seconds}
+        return {"history": monitor.history, "max_drift": monitor.max_drift, "train_seconds": result.seconds}
 
     calibration = cached(calibration_name, calibration_cell) if any(m.endswith("_drift") for m in args.methods) else None
-    budget = None if calibration is None else max(args.drift_margin * calibration["max_drift"], 0.01)
+    budget = None if calibration is None else calibrated_budget([calibration["max_drift"]], margin=args.drift_margin)
     if calibration is not None:
         log(f"drift on the clean task run: max {calibration['max_drift']:.4f} nats/token -> budget {budget:.4f}")
 

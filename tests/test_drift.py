@@ -15,7 +15,8 @@ from lightning_safety.callbacks import SafetyDriftController
 from lightning_safety.callbacks import drift as drift_module
 from lightning_safety.data import ChatSFTDataModule
 from lightning_safety.errors import LightningSafetyError
-from lightning_safety.evaluation.drift import DriftError, build_canaries, canary_logprob, safety_drift
+from lightning_safety.evaluation.drift import (DriftError, build_canaries, calibrated_budget, canary_logprob,
+                                               safety_drift)
 from lightning_safety.schedules import ConstantBeta
 from lightning_safety.models import load_causal_lm, load_tokenizer
 from lightning_safety.module import SafeFineTuning
@@ -144,10 +145,17 @@ def test_monitor_only_logs_drift_and_leaves_beta_alone(tiny_model_dir, tmp_path)
             return torch.optim.SGD(self.parameters(), lr=0.5)
 
     monitor = SafetyDriftController(CANARIES, every_n_steps=2, max_tokens=4)
+    with pytest.raises(DriftError, match="no drift measured yet"):
+        monitor.calibrated_budget()
     run = trainer([monitor], 4, tmp_path)
     run.fit(Plain(), datamodule=data(tiny_model_dir))
     assert [h["step"] for h in monitor.history] == [2, 4] and monitor.history[-1]["drift"] > 0
     assert run.callback_metrics["safety/drift"].item() == pytest.approx(monitor.history[-1]["drift"])
+    # The clean run calibrates the budget of later runs: margin x its largest drift, at least the minimum.
+    largest = max(h["drift"] for h in monitor.history)
+    assert monitor.max_drift == largest > 0
+    assert monitor.calibrated_budget(margin=3.0, minimum=0.0) == pytest.approx(3.0 * largest)
+    assert monitor.calibrated_budget(margin=3.0, minimum=10.0 * largest) == pytest.approx(10.0 * largest)
     with pytest.raises(LightningSafetyError, match="has no beta_floor"):
         trainer([SafetyDriftController(CANARIES, budget=0.1)], 1, tmp_path).fit(Plain(), datamodule=data(tiny_model_dir))
 
@@ -239,3 +247,24 @@ def test_bad_arguments_are_refused_in_one_line(kwargs, message):
     with pytest.raises(LightningSafetyError, match=message) as caught:
         SafetyDriftController(**arguments)
     assert "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("drifts", "kwargs", "message"),
+    [
+        ([], {}, "0 clean drift value"),
+        ([0.01, float("nan")], {}, "not all finite"),
+        ([0.01], {"margin": 0.0}, "margin=0.0"),
+        ([0.01], {"minimum": -1.0}, "minimum=-1.0"),
+    ],
+)
+def test_calibrated_budget_refuses_what_cannot_calibrate(drifts, kwargs, message):
+    with pytest.raises(DriftError, match=message) as caught:
+        calibrated_budget(drifts, **kwargs)
+    assert "\n" not in str(caught.value)
+
+
+def test_calibrated_budget_is_a_margin_over_the_clean_runs_largest_drift():
+    assert calibrated_budget([0.002, 0.0055, 0.004]) == pytest.approx(3 * 0.0055)
+    assert calibrated_budget([0.0055], margin=2.0) == pytest.approx(0.011)
+    assert calibrated_budget([0.001]) == 0.01  # the floor: a clean run that barely moved

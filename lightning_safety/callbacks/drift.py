@@ -15,7 +15,8 @@ from typing_extensions import override
 from lightning_safety.data.formatting import resolve_pad_token_id
 from lightning_safety.distributed import is_sharded
 from lightning_safety.errors import LightningSafetyError
-from lightning_safety.evaluation.drift import CanarySet, build_canaries, canary_logprob, safety_drift
+from lightning_safety.evaluation.drift import (CanarySet, DriftError, build_canaries, calibrated_budget, canary_logprob,
+                                               safety_drift)
 from lightning_safety.callbacks.tokenizer import resolve_tokenizer
 from lightning_safety.risk.estimators import find_causal_lm
 
@@ -128,6 +129,28 @@ class SafetyDriftController(Callback):
         other = {} if self.floor_attribute == "beta_floor" else {"floor_attribute": self.floor_attribute}
         return self._generate_state_key(every_n_steps=self.every_n_steps, budget=self.budget,
                                         canaries=len(self.requests), **other)
+
+    # ------------------------------------------------------------------ calibration
+    @property
+    def max_drift(self) -> float | None:
+        """The largest drift measured so far in this run (nats per token); None before the first measurement."""
+        return max((row["drift"] for row in self.history), default=None)
+
+    def calibrated_budget(self, margin: float = 3.0, minimum: float = 0.01) -> float:
+        """A budget for attacked runs from this monitor's clean run: ``max(margin * max_drift, minimum)``.
+
+        Fit once on data you trust (e.g. your task's rows alone) with ``budget=None``, then give the
+        result to the controller of the real run, with the same canaries, ``every_n_steps`` and
+        training settings (:func:`lightning_safety.evaluation.drift.calibrated_budget`).
+
+        Raises:
+            DriftError: no drift measured yet (the run was shorter than ``every_n_steps``), or
+                ``margin``/``minimum`` not positive.
+        """
+        if not self.history:
+            raise DriftError(f"no drift measured yet: fit the clean run for at least every_n_steps={self.every_n_steps} "
+                             "optimizer steps before calibrating")
+        return calibrated_budget([row["drift"] for row in self.history], margin=margin, minimum=minimum)
 
     # ------------------------------------------------------------------ hooks
     @override

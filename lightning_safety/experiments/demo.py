@@ -6,7 +6,8 @@
 2. **Probe.** An activation probe on the aligned model, trained on the defender's harmful and
    benign requests, the package's topic-matched pairs (harmful side as harmful, benign side as a
    hard negative), the defender's borderline-safe prompts and a few rows of the benign task (neither
-   trained nor evaluated on): :func:`lightning_safety.demo_data.default_estimator_data`.
+   trained nor evaluated on), each also in one of the package's disguise wrappers:
+   :func:`lightning_safety.demo_data.default_estimator_data`.
 3. **Attack.** A benign task (sentiment) with harmful rows mixed in, whose answers are written now
    by the *unaligned* model (cached locally; nothing harmful ships with the package).
 4. **Fine-tuning** of the aligned model on the attack, once with plain SFT and once with adaptive
