@@ -252,7 +252,7 @@ def test_bad_arguments_are_refused_in_one_line(kwargs, message):
 @pytest.mark.parametrize(
     ("drifts", "kwargs", "message"),
     [
-        ([], {}, "0 clean drift value"),
+        ([], {}, "no clean drift values"),
         ([0.01, float("nan")], {}, "not all finite"),
         ([0.01], {"margin": 0.0}, "margin=0.0"),
         ([0.01], {"minimum": -1.0}, "minimum=-1.0"),

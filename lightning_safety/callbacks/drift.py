@@ -144,8 +144,8 @@ class SafetyDriftController(Callback):
         training settings (:func:`lightning_safety.evaluation.drift.calibrated_budget`).
 
         Raises:
-            DriftError: no drift measured yet (the run was shorter than ``every_n_steps``), or
-                ``margin``/``minimum`` not positive.
+            DriftError: no drift measured yet (the run was shorter than ``every_n_steps``),
+                ``margin`` <= 0 or ``minimum`` < 0.
         """
         if not self.history:
             raise DriftError(f"no drift measured yet: fit the clean run for at least every_n_steps={self.every_n_steps} "

@@ -119,8 +119,8 @@ def default_estimator_data(
     side of the same pairs + ``borderline``; then a wrapped copy of every prompt of each side. The
     pairs teach the estimator what is asked rather than which words or topic appear: on categories
     it never saw, a probe trained on this mix separates same-topic requests far better than one
-    trained on harmful vs benign alone (AUROC 0.969 against 0.841,
-    ``benchmarks/results/estimators.md``). The wrappers give back the recall on disguised requests
+    trained without the pairs and wrappers (AUROC 0.969 against 0.841; 0.777 on harmful vs benign
+    requests alone, ``benchmarks/results/estimators.md``). The wrappers give back the recall on disguised requests
     that the pairs alone cost (the pairs' benign sides speak in the educational voice a disguise
     imitates); in the attack zoo the full default mix held every attack within 4.2 points of the
     aligned model's ASR on two seeds (``benchmarks/results/zoo_pairs_framed/``).

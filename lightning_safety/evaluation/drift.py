@@ -103,14 +103,16 @@ def calibrated_budget(clean_drifts: Sequence[float], margin: float = 3.0, minimu
     3 and ``minimum`` 0.01 nats per token.
 
     Raises:
-        DriftError: no drift values, a value that is not finite, or ``margin``/``minimum`` not positive.
+        DriftError: no drift values, a value that is not finite, ``margin`` <= 0 or ``minimum`` < 0.
     """
     values = [float(d) for d in clean_drifts]
     if not (math.isfinite(margin) and margin > 0 and math.isfinite(minimum) and minimum >= 0):
         raise DriftError(f"margin={margin}, minimum={minimum}: use margin > 0 and minimum >= 0")
-    if not values or not all(math.isfinite(d) for d in values):
-        raise DriftError(f"{len(values)} clean drift value(s), not all finite: calibrate on a run that measured "
-                         "drift at least once (fit at least every_n_steps optimizer steps)")
+    if not values:
+        raise DriftError("no clean drift values: calibrate on a run that measured drift at least once "
+                         "(fit at least every_n_steps optimizer steps)")
+    if not all(math.isfinite(d) for d in values):
+        raise DriftError(f"clean drift values {values} are not all finite: calibrate on a run whose drift was measured")
     return max(margin * max(values), minimum)
 
 
