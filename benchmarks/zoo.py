@@ -757,7 +757,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return {"history": monitor.history, "max_drift": monitor.max_drift, "train_seconds": result.seconds}
 
     calibration = cached(calibration_name, calibration_cell) if any(m.endswith("_drift") for m in args.methods) else None
-    budget = None if calibration is None else calibrated_budget([calibration["max_drift"]], margin=args.drift_margin)
+    budget = (None if calibration is None
+              else calibrated_budget([row["drift"] for row in calibration["history"]], margin=args.drift_margin))
     if calibration is not None:
         log(f"drift on the clean task run: max {calibration['max_drift']:.4f} nats/token -> budget {budget:.4f}")
 

@@ -15,8 +15,7 @@ from typing_extensions import override
 from lightning_safety.data.formatting import resolve_pad_token_id
 from lightning_safety.distributed import is_sharded
 from lightning_safety.errors import LightningSafetyError
-from lightning_safety.evaluation.drift import (CanarySet, DriftError, build_canaries, calibrated_budget, canary_logprob,
-                                               safety_drift)
+from lightning_safety.evaluation.drift import CanarySet, build_canaries, calibrated_budget, canary_logprob, safety_drift
 from lightning_safety.callbacks.tokenizer import resolve_tokenizer
 from lightning_safety.risk.estimators import find_causal_lm
 
@@ -145,11 +144,8 @@ class SafetyDriftController(Callback):
 
         Raises:
             DriftError: no drift measured yet (the run was shorter than ``every_n_steps``),
-                ``margin`` <= 0 or ``minimum`` < 0.
+                ``margin`` <= 0 or ``minimum`` < 0 (:func:`~lightning_safety.evaluation.drift.calibrated_budget`).
         """
-        if not self.history:
-            raise DriftError(f"no drift measured yet: fit the clean run for at least every_n_steps={self.every_n_steps} "
-                             "optimizer steps before calibrating")
         return calibrated_budget([row["drift"] for row in self.history], margin=margin, minimum=minimum)
 
     # ------------------------------------------------------------------ hooks
