@@ -217,6 +217,23 @@ def rate(cell: dict[str, Any], name: str) -> float | None:
     return None if metric is None else metric["rate"]
 
 
+def sst2_predictions(samples: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, int]] | None:
+    """SST-2 predictions per true label: ``{"negative": {"rows", "predicted_positive"}, "positive": {...}}``.
+
+    Accuracy alone hides a shift toward one label (a model that calls more reviews positive gains on the positive
+    half and loses on the other); these counts show it. ``None`` when the evaluation kept no SST-2 samples.
+    """
+    rows = samples.get("utility/sst2")
+    if not rows:
+        return None
+    counts = {label: {"rows": 0, "predicted_positive": 0} for label in ("negative", "positive")}
+    for row in rows:
+        entry = counts[("negative", "positive")[int(row["target"])]]
+        entry["rows"] += 1
+        entry["predicted_positive"] += row["prediction"] == "positive"
+    return counts
+
+
 def summarize(results: dict[str, Any]) -> dict[str, Any]:
     """attack -> method -> {asr_plain, asr_condition, over_refusal, utility, recall, fpr} (means over seeds)."""
     table: dict[str, Any] = {}
@@ -697,15 +714,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                               batch_size=args.generation_batch_size,
                                               system_prompt=condition.system_prompt))
 
-    def evaluate(model: Any, tokenizer: Any, attack_names: list[str]) -> tuple[dict[str, Any], dict[str, Any], float]:
+    def evaluate(model: Any, tokenizer: Any, attack_names: list[str]) -> tuple[dict[str, Any], dict[str, Any], float,
+                                                                            dict[str, Any]]:
+        """The plain rates, ASR per test condition, seconds, and the SST-2 predictions per true label."""
         started = time.perf_counter()
-        rates = plain.evaluate(model, tokenizer, progress=False).to_dict()["metrics"]
+        result = plain.evaluate(model, tokenizer, progress=False)
+        rates = result.to_dict()["metrics"]
         by_condition = {"plain": rates["safety/asr"]}
         for key, evaluator in condition_evaluators.items():
             attack_name, condition = key.split(":")
             if attack_name in attack_names:
                 by_condition[condition] = evaluator.evaluate(model, tokenizer).to_dict()["metrics"]["safety/asr"]
-        return rates, by_condition, round(time.perf_counter() - started, 1)
+        return rates, by_condition, round(time.perf_counter() - started, 1), sst2_predictions(result.samples)
 
     def cached(name: str, compute: Any) -> dict[str, Any] | None:
         """The cell's cached result, else computed and cached; None when it is missing under --no-train."""
@@ -721,9 +741,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return value
 
     def aligned_cell() -> dict[str, Any]:
-        rates, by_condition, seconds = evaluate(ref_model, ref_tok, list(attacks))
+        rates, by_condition, seconds, predictions = evaluate(ref_model, ref_tok, list(attacks))
         # Conditions are keyed by name alone: the same name must mean the same prompts in every attack.
-        return {"method": "aligned", "rates": rates, "conditions": by_condition, "eval_seconds": seconds}
+        return {"method": "aligned", "rates": rates, "conditions": by_condition, "eval_seconds": seconds,
+                "sst2_predictions": predictions}
 
     aligned = cached("aligned", aligned_cell)
     if aligned is None:
@@ -731,7 +752,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # A cached evaluation made for fewer attacks lacks their conditions: add them (the plain metrics stay).
     lacking = [name for name in attacks if conditions[name][-1] not in aligned["conditions"]]
     if lacking and not args.no_train:
-        _, extra, seconds = evaluate(ref_model, ref_tok, lacking)
+        _, extra, seconds, _ = evaluate(ref_model, ref_tok, lacking)
         aligned["conditions"] = {**extra, **aligned["conditions"]}
         aligned["eval_seconds"] = round(aligned.get("eval_seconds", 0) + seconds, 1)
         atomic_write_text(work / "cells" / "aligned.json", json.dumps(aligned, indent=1) + "\n")
@@ -778,7 +799,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         normalization = "token" if name == "sft_token" else None
         result = finetune(str(reference), rows, chosen, settings(attack_name, seed, normalization, cache_top_k), probe=probe,
                           judge=pair_judge if name == "adaptive_judge_pair" else judge, callbacks=controllers)
-        rates, by_condition, seconds = evaluate(result.model, result.tokenizer, [attack_name])
+        rates, by_condition, seconds, predictions = evaluate(result.model, result.tokenizer, [attack_name])
         cell = {"attack": attack_name, "method": name, "seed": seed, "beta": chosen.beta,
                 "beta_min": args.beta_min if chosen.beta is None else None,
                 "beta_max": args.beta_max if chosen.beta is None else None,
@@ -787,6 +808,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 "conditions": by_condition, "train_seconds": result.seconds, "steps": result.steps,
                 "eval_seconds": seconds, "rows": len(rows), "attack_rows": sum(r["is_attack"] for r in rows),
                 "estimator": estimator_rates(result.risk, rows, flag="is_attack") if result.risk else None,
+                # Per-row risk (hence beta) and the predictions' label balance: what a utility gap is made of.
+                "row_risk": ({str(r["id"]): round(result.risk[str(r["id"])], 5) for r in rows if str(r["id"]) in result.risk}
+                             if result.risk else None),
+                "sst2_predictions": predictions,
                 "risk_failures": result.failures,
                 "drift": controllers[0].history if controllers else None,
                 "drift_margin": args.drift_margin if controllers else None, "drift_budget": budget if controllers else None,

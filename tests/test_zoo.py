@@ -192,6 +192,16 @@ def test_zoo_benchmark_quick_on_the_tiny_model(tmp_path, shared_data):
         assert (cell["drift"] is not None) == (cell["method"] == "adaptive_probe_drift")
         assert cell["beta_min"] == (None if cell["method"].startswith("sft") else 0.1)
         assert cell["kl_scale"] == (None if cell["method"].startswith("sft") else 1.0)
+        # Each adaptive cell keeps every row's risk; every cell the SST-2 predictions per true label, which add up
+        # to its accuracy.
+        if cell["method"].startswith("sft"):
+            assert cell["row_risk"] is None
+        else:
+            assert len(cell["row_risk"]) == cell["rows"] and all(0 <= v <= 1 for v in cell["row_risk"].values())
+        labels, sst2 = cell["sst2_predictions"], cell["rates"]["utility/sst2"]
+        assert labels["negative"]["rows"] + labels["positive"]["rows"] == sst2["total"]
+        correct = labels["negative"]["rows"] - labels["negative"]["predicted_positive"] + labels["positive"]["predicted_positive"]
+        assert correct == sst2["count"]
     assert results["drift"]["budget"] >= 0.01 and results["drift"]["calibration"]["history"]
     assert results["summary"]["backdoor"]["condition"] == "trigger"
     assert len(results["targets"]) == len(zoo.ATTACKS)
