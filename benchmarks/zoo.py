@@ -28,7 +28,8 @@ strongest) and the best defence (smallest worst-case ASR excess over the aligned
 other seeds (``--extra-seed-methods``). Asked for by name (``--methods``): ``sft_clean`` (plain SFT on the
 attack's data without the attacker's rows: the task utility a perfect filter keeps), ``adaptive_probe_cached``,
 ``adaptive_probe_refusal``; ``--beta-min`` sets the adaptive methods' beta at risk 0, ``--kl-scale`` the factor on
-the KL term (the NLL keeps its 1 - beta). Every cell is cached as it finishes
+the KL term (the NLL keeps its 1 - beta), ``--anchors`` adds the defender's refusal anchors
+(:mod:`lightning_safety.anchors`) to the adaptive methods' rows. Every cell is cached as it finishes
 (``<cache>/zoo/<key>/cells``) and the outputs are rewritten after each one, so a stopped run keeps
 what it measured and continues where it was.
 
@@ -67,6 +68,7 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks.common import DEFAULT_DATA, DEFAULT_OUT, T0, fail, log, pct, read_public_data  # noqa: E402
 
+from lightning_safety.anchors import refusal_anchors  # noqa: E402
 from lightning_safety.experiments.alignment import DEFAULT_REFUSALS, AlignmentSettings, build_aligned_reference  # noqa: E402
 from lightning_safety.callbacks import SafetyDriftController  # noqa: E402
 from lightning_safety.data.prompts import PromptSource  # noqa: E402
@@ -91,6 +93,7 @@ from lightning_safety.experiments import (  # noqa: E402
 )
 from lightning_safety.experiments import zoo  # noqa: E402
 from lightning_safety.experiments.attack import row_id  # noqa: E402
+from lightning_safety.errors import LightningSafetyError  # noqa: E402
 from lightning_safety.experiments.frames import harm_category  # noqa: E402
 from lightning_safety.models import LoraSettings, load_causal_lm, load_tokenizer  # noqa: E402
 from lightning_safety.paths import atomic_write_text, cache_root  # noqa: E402
@@ -143,19 +146,23 @@ class CellSettings:
     drift_margin: float | None = None
     drift_floor: str | None = None
     framed_canaries: bool | None = None
+    anchors: int | None = None
 
     @classmethod
     def of(cls, values: dict[str, Any]) -> CellSettings:
         return cls(**{f.name: values.get(f.name) for f in fields(cls)})
 
     def suffix(self, method: str) -> str:
-        """``_bmin<v>`` / ``_bmax<v>`` (adaptive methods' beta range) and ``_kls<v>`` (KL methods' KL scale)
-        for the non-default settings ``method`` reads; empty at the defaults."""
+        """``_bmin<v>`` / ``_bmax<v>`` (adaptive methods' beta range), ``_kls<v>`` (KL methods' KL scale) and
+        ``_anc<n>`` (adaptive methods' refusal anchors) for the non-default settings ``method`` reads; empty at
+        the defaults."""
         adaptive = method.startswith("adaptive")
         suffix = "" if self.beta_min in (None, DEFAULT_BETA_MIN) or not adaptive else f"_bmin{self.beta_min:g}"
         suffix += "" if self.beta_max in (None, DEFAULT_BETA_MAX) or not adaptive else f"_bmax{self.beta_max:g}"
         if self.kl_scale not in (None, DEFAULT_KL_SCALE) and reads_kl_scale(method):
             suffix += f"_kls{self.kl_scale:g}"
+        if self.anchors and adaptive:
+            suffix += f"_anc{self.anchors}"
         return suffix
 
     def canary_suffix(self) -> str:
@@ -376,7 +383,9 @@ def write_markdown(path: Path, results: dict[str, Any]) -> str:
     lines += ["", "## Setup", "",
               f"- Sizes: {json.dumps(sizes)}",
               f"- Fine-tuning: {json.dumps(setup['finetune'])}; full_harmful: {setup['epochs_full']} epochs; "
-              f"constant KL beta {setup['beta']}.",
+              + (f"refusal anchors: {setup['anchors']} plain + {setup['anchors']} wrapped, added to the adaptive methods' "
+                 "rows; " if setup.get("anchors") else "")
+              + f"constant KL beta {setup['beta']}.",
               f"- Estimators (validation metrics on the defender's data): {json.dumps(results['estimators'])}",
               f"- Best defence picked on the first seed: {json.dumps(results.get('best_scores'))}",
               f"- Wall time: {results['seconds']['total'] / 60:.0f} min this run; cells' training + evaluation: "
@@ -476,6 +485,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--framed-canaries", action="store_true",
                         help="add a copy of each canary in one of the package's disguise wrappers (add_wrapped_copies; "
                              "the drift cells and their calibration are named _fc)")
+    parser.add_argument("--anchors", type=int, default=0,
+                        help="refusal anchors (lightning_safety.anchors): this many of the defender's harmful prompts "
+                             "(the package's, after the alignment and canary prompts, held-out categories out) and as "
+                             "many wrapped copies, answered by the aligned model where it refuses, added to every "
+                             "adaptive method's rows and to the drift calibration's (cells named _anc<n>)")
     parser.add_argument("--estimator-mix", choices=["plain", "pairs", "framed", "pairs_framed"], default="plain",
                         help="the estimators' training data: 'plain' (harmful vs benign + borderline, the committed "
                              "results), 'pairs' (+ all 240 topic-matched pairs: default_estimator_data(pairs=None)), "
@@ -514,6 +528,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         unknown = [x for x in getattr(args, name) if x not in known]
         if unknown:
             fail(f"unknown {name} {unknown}: use some of {', '.join(known)}")
+    if args.anchors < 0:
+        fail(f"--anchors {args.anchors} is invalid: give the number of refusal anchors of each kind, or 0 for none")
     try:  # the settings' own checks, before any work
         FinetuneSettings(beta_min=args.beta_min, beta_max=args.beta_max, kl_scale=args.kl_scale)
     except MethodError as error:
@@ -572,6 +588,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         estimator_harmful = [r["prompt"] for r in builtin_harmful if r["category"] not in args.held_out]
         estimator_benign = load_demo_prompts("benign") + borderline + task_benign
     canaries = [r["prompt"] for r in builtin_harmful[args.align_harmful:]][: args.canaries]
+    # Anchors: the defender's harmful prompts after the alignment and canary ones, held-out categories out.
+    anchor_prompts = [r["prompt"] for r in builtin_harmful[args.align_harmful + args.canaries:]
+                      if r["category"] not in args.held_out]
     if args.framed_canaries:  # the defender's own wrappers, never the attack's frames
         canaries = add_wrapped_copies(canaries)
 
@@ -740,6 +759,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         atomic_write_text(path, json.dumps(value, indent=1) + "\n")
         return value
 
+    def anchor_rows() -> list[dict[str, Any]]:
+        """The refusal anchors every adaptive cell adds (made once by the aligned model, then cached)."""
+        if not args.anchors:
+            return []
+        try:
+            record = cached(f"anchors_{args.anchors}", lambda: {
+                "rows": refusal_anchors(ref_model, ref_tok, anchor_prompts, count=args.anchors)})
+        except LightningSafetyError as error:
+            fail(f"--anchors {args.anchors}: {error}")
+        return [{**row, "is_harmful": False, "is_attack": False} for row in record["rows"]]
+
     def aligned_cell() -> dict[str, Any]:
         rates, by_condition, seconds, predictions = evaluate(ref_model, ref_tok, list(attacks))
         # Conditions are keyed by name alone: the same name must mean the same prompts in every attack.
@@ -773,8 +803,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     def calibration_cell() -> dict[str, Any]:
         """The defender's clean run: the task rows alone, probe-adaptive, drift monitored (no control)."""
         monitor = drift_controller(None)
-        result = finetune(str(reference), task, method("adaptive_probe"), settings("harmful_mix", args.seeds[0]),
-                          probe=probe, callbacks=[monitor])
+        result = finetune(str(reference), task + anchor_rows(), method("adaptive_probe"),
+                          settings("harmful_mix", args.seeds[0]), probe=probe, callbacks=[monitor])
         return {"history": monitor.history, "max_drift": monitor.max_drift, "train_seconds": result.seconds}
 
     calibration = cached(calibration_name, calibration_cell) if any(m.endswith("_drift") for m in args.methods) else None
@@ -795,9 +825,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if not rows:
             fail(f"{attack_name} has no rows but the attacker's: sft_clean would train on nothing; leave it out of "
                  "--attacks for that method")
-        log(f"{attack_name} / {name} / seed {seed}: {len(rows)} rows ({sum(r['is_attack'] for r in rows)} the attacker's)")
         normalization = "token" if name == "sft_token" else None
-        result = finetune(str(reference), rows, chosen, settings(attack_name, seed, normalization, cache_top_k), probe=probe,
+        anchors = anchor_rows() if base.startswith("adaptive") else []
+        log(f"{attack_name} / {name} / seed {seed}: {len(rows)} rows ({sum(r['is_attack'] for r in rows)} the attacker's)"
+            + (f" + {len(anchors)} refusal anchors" if anchors else ""))
+        result = finetune(str(reference), rows + anchors, chosen, settings(attack_name, seed, normalization, cache_top_k), probe=probe,
                           judge=pair_judge if name == "adaptive_judge_pair" else judge, callbacks=controllers)
         rates, by_condition, seconds, predictions = evaluate(result.model, result.tokenizer, [attack_name])
         cell = {"attack": attack_name, "method": name, "seed": seed, "beta": chosen.beta,
@@ -807,10 +839,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 "normalization": normalization or args.normalization, "rates": rates,
                 "conditions": by_condition, "train_seconds": result.seconds, "steps": result.steps,
                 "eval_seconds": seconds, "rows": len(rows), "attack_rows": sum(r["is_attack"] for r in rows),
+                "anchor_rows": len(anchors),
                 "estimator": estimator_rates(result.risk, rows, flag="is_attack") if result.risk else None,
                 # Per-row risk (hence beta) and the predictions' label balance: what a utility gap is made of.
-                "row_risk": ({str(r["id"]): round(result.risk[str(r["id"])], 5) for r in rows if str(r["id"]) in result.risk}
-                             if result.risk else None),
+                "row_risk": ({str(r["id"]): round(result.risk[str(r["id"])], 5) for r in rows + anchors
+                              if str(r["id"]) in result.risk} if result.risk else None),
                 "sst2_predictions": predictions,
                 "risk_failures": result.failures,
                 "drift": controllers[0].history if controllers else None,
@@ -843,7 +876,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 "quick": args.quick, "model": args.model, "seeds": args.seeds, "split_seed": args.split_seed,
                 "extra_seed_methods": args.extra_seed_methods,
                 "held_out": args.held_out, "beta": args.beta, "epochs_full": args.epochs_full,
-                "finetune": settings("harmful_mix", 0).to_dict(),
+                "finetune": settings("harmful_mix", 0).to_dict(), "anchors": args.anchors,
                 "sizes": {"test": len(test), "xstest": args.xstest, "sst2_dev": args.sst2_dev,
                           "task_rows": len(task), "attack_rows": args.attack_rows, "full_rows": args.full_rows,
                           "other_benign": len(other), "align_harmful": len(align_harmful),
