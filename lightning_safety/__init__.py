@@ -21,6 +21,7 @@ _EXPORTS = {
     # data
     "lightning_safety.data.datamodule": ("ChatSFTDataModule",),
     "lightning_safety.data.prompts": ("PromptSource",),
+    "lightning_safety.anchors": ("refusal_anchors",),
     # callbacks for any LightningModule
     "lightning_safety.callbacks.risk": ("ActivationRiskCallback", "JudgeRiskCallback", "RiskCallback"),
     "lightning_safety.callbacks.evaluation": ("SafetyEvaluationCallback",),
