@@ -231,6 +231,7 @@ def test_demo_runs_end_to_end_on_the_tiny_model(tmp_path, tiny_model_dir):
         assert all(0.0 <= value <= 1.0 for value in rates.values())
     written = json.loads((tmp_path / "demo" / "demo.json").read_text())
     assert written["quick"] and written["sizes"]["attack_harmful_rows"] > 0
+    assert written["settings"]["anchors"] == 0 and written["sizes"]["anchor_rows"] == 0  # --quick: a tiny model refuses nothing
     assert "adaptive KL (probe)" in (tmp_path / "demo" / "demo.md").read_text()
     # Nothing generated for the harmful requests lands in the output folder.
     assert sorted(p.name for p in (tmp_path / "demo").iterdir()) == ["demo.json", "demo.md"]
@@ -248,6 +249,9 @@ def test_demo_refuses_bad_options_before_any_work(tmp_path):
         demo(output=str(tmp_path / "d"), beta_min=1.5)
     with pytest.raises(MethodError, match="kl_scale"):
         demo(output=str(tmp_path / "d"), kl_scale=-1.0)
+    for bad in (-1, 1.5):
+        with pytest.raises(DataError, match="anchors="):
+            demo(output=str(tmp_path / "d"), anchors=bad)
     assert not (tmp_path / "d").exists()
 
 

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lightning_safety.anchors import refusal_anchors
 from lightning_safety.data.prompts import PromptSource, load_prompts
 from lightning_safety.demo_data import default_estimator_data, demo_data_path, load_demo_prompts
 from lightning_safety.errors import DataError
@@ -109,6 +110,7 @@ def demo(
     normalization: str = "example",
     beta_min: float = 0.1,
     kl_scale: float = 1.0,
+    anchors: int = 16,
     seed: int = 0,
     quick: bool = False,
     progress: bool = True,
@@ -139,6 +141,9 @@ def demo(
             reference (beta = beta_min + (0.9 - beta_min) x risk; the paper: 0.1).
         kl_scale: factor on adaptive KL's KL term, the NLL's 1 - beta kept (the paper: 1; 0 is
             risk-weighted SFT).
+        anchors: refusal anchors added to the adaptive run's rows (:func:`~lightning_safety.anchors.refusal_anchors`):
+            the aligned model's own refusals to this many of the defender's harmful requests and to as
+            many wrapped copies; 0 for none. ``quick`` uses none (a tiny model refuses nothing).
         seed: LoRA initialisation, data order and the attack mix.
         quick: tiny sizes and one epoch (a smoke test of the pipeline; the numbers mean little).
         progress: progress bars.
@@ -153,7 +158,9 @@ def demo(
     started = time.perf_counter()
     sizes = QUICK_SIZES if quick else DemoSizes()
     if quick:
-        epochs, align_epochs = 1, 1
+        epochs, align_epochs, anchors = 1, 1, 0
+    if isinstance(anchors, bool) or not isinstance(anchors, int) or anchors < 0:
+        raise DataError(f"anchors={anchors!r} is invalid: give the number of refusal anchors of each kind, or 0 for none")
     if not 0.0 < harmful_fraction < 1.0:
         raise DataError(f"harmful_fraction={harmful_fraction} is invalid: use a share in (0, 1), e.g. 0.2")
     lora = LoraSettings(r=16, alpha=32, dropout=0.05, target_modules="all-linear")
@@ -213,6 +220,10 @@ def demo(
     ref_model, tokenizer = load_causal_lm(str(reference)), load_tokenizer(str(reference))
     probe = fit_probe(ref_model, tokenizer, probe_harmful, probe_negatives,
                       layers=[probe_layer], calibration_fraction=0.0, seed=0, progress=progress)
+    # The defender's harmful requests, answered by the aligned model where it refuses (plain and wrapped):
+    # rows that hold the adaptive run to its refusals without a KL on the task's rows.
+    anchor_rows = ([{**row, "is_harmful": False} for row in refusal_anchors(ref_model, tokenizer, defender_harmful, count=anchors)]
+                   if anchors else [])
 
     # 3. The attack: task rows plus harmful rows answered by the unaligned model.
     print(f"[3/5] attack: {len(task_train)} task rows + {harmful_fraction:.0%} harmful rows answered by {model}")
@@ -237,8 +248,10 @@ def demo(
         results["aligned"] = {"rates": evaluator.evaluate(ref_model, tokenizer, progress=progress).to_dict()["metrics"]}
         del ref_model
         for name, label in (("sft", "plain SFT"), ("adaptive_probe", "adaptive KL (probe)")):
-            print(f"[5/5] fine-tuning with {label} on {len(rows)} rows, {epochs} epoch(s), then evaluating")
-            run = finetune(str(reference), rows, method(name), settings, probe=probe, progress=progress)
+            extra = anchor_rows if name != "sft" else []
+            added = f" + {len(extra)} refusal anchors" if extra else ""
+            print(f"[5/5] fine-tuning with {label} on {len(rows)} rows{added}, {epochs} epoch(s), then evaluating")
+            run = finetune(str(reference), rows + extra, method(name), settings, probe=probe, progress=progress)
             entry = {"rates": evaluator.evaluate(run.model, run.tokenizer, progress=progress).to_dict()["metrics"],
                      "train_seconds": run.seconds}
             if run.risk:
@@ -253,16 +266,18 @@ def demo(
     summary = {
         "model": model, "reference": str(reference), "quick": quick, "minutes": round(minutes, 1),
         "sizes": {**sizes.__dict__, "attack_rows": len(rows), "attack_harmful_rows": sum(r["is_harmful"] for r in rows),
-                  "compliant_answers": len(harmful_rows)},
+                  "compliant_answers": len(harmful_rows), "anchor_rows": len(anchor_rows)},
         "settings": {"epochs": epochs, "lr": lr, "max_length": max_length, "harmful_fraction": harmful_fraction, "align_epochs": align_epochs,
                      "probe_layer": probe_layer, "max_new_tokens": max_new_tokens, "normalization": normalization,
-                     "beta_min": beta_min, "kl_scale": kl_scale, "seed": seed},
+                     "beta_min": beta_min, "kl_scale": kl_scale, "anchors": anchors, "seed": seed},
         "results": results,
     }
     text = "\n".join([
         "# lightning-safety demo", "",
         f"{model}, aligned by a quick refusal SFT, then fine-tuned on {len(task_rows)} task rows with "
-        f"{summary['sizes']['attack_harmful_rows']} harmful rows mixed in ({epochs} epoch(s), LoRA r=16).",
+        f"{summary['sizes']['attack_harmful_rows']} harmful rows mixed in ({epochs} epoch(s), LoRA r=16); adaptive KL "
+        f"with beta_min {beta_min:g}" + (f" and {len(anchor_rows)} refusal anchors of the aligned model." if anchor_rows
+                                          else ", no refusal anchors."),
         f"ASR on {len(test_harmful)} held-out harmful requests (refusal keywords), over-refusal on "
         f"{len(borderline_eval)} held-out borderline-safe prompts, accuracy on {len(task_eval)} held-out task rows.",
         "", table, "", f"Wall time: {minutes:.1f} min.", "",
