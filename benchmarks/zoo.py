@@ -26,7 +26,8 @@ seed (the controller's budget: ``--drift-margin`` x the largest drift of a clean
 task rows alone, measured once on the defender's side); then plain SFT with the token mean (the attack at its
 strongest) and the best defence (smallest worst-case ASR excess over the aligned model, then utility) on the
 other seeds (``--extra-seed-methods``). Asked for by name (``--methods``): ``sft_clean`` (plain SFT on the
-attack's data without the attacker's rows: the task utility a perfect filter keeps), ``adaptive_probe_cached``,
+attack's data without the attacker's rows: the task utility a perfect filter keeps), ``sft_anchored`` (plain SFT
+with the ``--anchors`` rows mixed in), ``adaptive_probe_cached``,
 ``adaptive_probe_refusal``; ``--beta-min`` sets the adaptive methods' beta at risk 0, ``--kl-scale`` the factor on
 the KL term (the NLL keeps its 1 - beta), ``--anchors`` adds the defender's refusal anchors
 (:mod:`lightning_safety.anchors`) to the adaptive methods' rows. Every cell is cached as it finishes
@@ -102,16 +103,19 @@ from lightning_safety.risk.probe import fit_probe  # noqa: E402
 
 NEEDED = ("advbench_harmful_behaviors.csv", "alpaca_instructions.jsonl", "xstest_prompts.csv", "sst2_dev.tsv",
           "sst2_train.tsv", "gsm8k_train.jsonl")
-METHODS = ("sft", "sft_token", "sft_clean", "constant_kl", "adaptive_probe", "adaptive_judge", "adaptive_judge_pair",
-           "adaptive_probe_drift", "adaptive_probe_cached", "adaptive_probe_refusal")
+METHODS = ("sft", "sft_token", "sft_clean", "sft_anchored", "constant_kl", "adaptive_probe", "adaptive_judge",
+           "adaptive_judge_pair", "adaptive_probe_drift", "adaptive_probe_cached", "adaptive_probe_refusal")
 # sft_clean is plain SFT without the attacker's rows (an oracle filter: the task utility a perfect filter keeps),
 # adaptive_probe_cached checks the reference cache's approximation, adaptive_probe_refusal adds the reference's own
-# refusal probability (defence in depth): all asked for by name, so that the committed grid keeps its cells.
-DEFAULT_METHODS = tuple(m for m in METHODS if m not in ("sft_clean", "adaptive_probe_cached", "adaptive_probe_refusal"))
+# refusal probability (defence in depth), sft_anchored is plain SFT with the --anchors rows mixed in (safety data
+# mixing, the baseline of the anchors): all asked for by name, so that the committed grid keeps its cells.
+DEFAULT_METHODS = tuple(m for m in METHODS
+                        if m not in ("sft_clean", "sft_anchored", "adaptive_probe_cached", "adaptive_probe_refusal"))
 DEFAULT_CACHE_TOP_K = 64
 DEFENCES = ("adaptive_probe", "adaptive_judge", "adaptive_judge_pair", "adaptive_probe_drift", "adaptive_probe_refusal")
 LABELS = {"aligned": "aligned", "sft": "plain SFT", "sft_token": "plain SFT (token mean)",
-          "sft_clean": "plain SFT without the attacker's rows (oracle filter)", "constant_kl": "constant KL",
+          "sft_clean": "plain SFT without the attacker's rows (oracle filter)",
+          "sft_anchored": "plain SFT + refusal anchors", "constant_kl": "constant KL",
           "adaptive_probe": "adaptive (probe)",
           "adaptive_judge": "adaptive (judge, request)", "adaptive_judge_pair": "adaptive (judge, request+answer)",
           "adaptive_probe_drift": "adaptive (probe) + drift controller",
@@ -154,14 +158,15 @@ class CellSettings:
 
     def suffix(self, method: str) -> str:
         """``_bmin<v>`` / ``_bmax<v>`` (adaptive methods' beta range), ``_kls<v>`` (KL methods' KL scale) and
-        ``_anc<n>`` (adaptive methods' refusal anchors) for the non-default settings ``method`` reads; empty at
-        the defaults."""
+        ``_anc<n>`` (the refusal anchors of the adaptive methods and sft_anchored) for the non-default settings
+        ``method`` reads; empty at the defaults."""
         adaptive = method.startswith("adaptive")
+        anchored = adaptive or method == "sft_anchored"
         suffix = "" if self.beta_min in (None, DEFAULT_BETA_MIN) or not adaptive else f"_bmin{self.beta_min:g}"
         suffix += "" if self.beta_max in (None, DEFAULT_BETA_MAX) or not adaptive else f"_bmax{self.beta_max:g}"
         if self.kl_scale not in (None, DEFAULT_KL_SCALE) and reads_kl_scale(method):
             suffix += f"_kls{self.kl_scale:g}"
-        if self.anchors and adaptive:
+        if self.anchors and anchored:
             suffix += f"_anc{self.anchors}"
         return suffix
 
@@ -421,7 +426,8 @@ def plot(path: Path, results: dict[str, Any]) -> None:
     methods = ["aligned"] + [m for m in METHODS if any(m in row for row in summary.values())]
     colours = {"aligned": "black", "sft": "tab:red", "constant_kl": "tab:orange", "adaptive_probe": "tab:blue",
                "adaptive_judge": "tab:green", "adaptive_judge_pair": "tab:purple", "adaptive_probe_drift": "tab:cyan",
-               "sft_token": "tab:pink", "sft_clean": "tab:gray", "adaptive_probe_cached": "tab:olive",
+               "sft_token": "tab:pink", "sft_clean": "tab:gray", "sft_anchored": "goldenrod",
+               "adaptive_probe_cached": "tab:olive",
                "adaptive_probe_refusal": "tab:brown"}
     fig, ax = plt.subplots(figsize=(12, 4.8))
     width = 0.8 / len(methods)
@@ -530,6 +536,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             fail(f"unknown {name} {unknown}: use some of {', '.join(known)}")
     if args.anchors < 0:
         fail(f"--anchors {args.anchors} is invalid: give the number of refusal anchors of each kind, or 0 for none")
+    if "sft_anchored" in args.methods and not args.anchors:
+        fail("sft_anchored is plain SFT with the refusal anchors: give their number with --anchors N")
     try:  # the settings' own checks, before any work
         FinetuneSettings(beta_min=args.beta_min, beta_max=args.beta_max, kl_scale=args.kl_scale)
     except MethodError as error:
@@ -818,7 +826,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         # sft_token: plain SFT with the token mean, what most trainers do (long harmful answers weigh more).
         # <method>_cached: the same method reading the reference from a top-k cache written before training.
         cache_top_k = args.cache_top_k if name.endswith("_cached") else None
-        base = "sft" if name in ("sft_token", "sft_clean") else name.removesuffix("_drift").removesuffix("_cached")
+        base = "sft" if name in ("sft_token", "sft_clean", "sft_anchored") else name.removesuffix("_drift").removesuffix("_cached")
         chosen = method(base, args.beta if name == "constant_kl" else None)
         controllers = [drift_controller(budget)] if name.endswith("_drift") else []
         rows = [r for r in attack.rows if not r["is_attack"]] if name == "sft_clean" else attack.rows
@@ -826,7 +834,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             fail(f"{attack_name} has no rows but the attacker's: sft_clean would train on nothing; leave it out of "
                  "--attacks for that method")
         normalization = "token" if name == "sft_token" else None
-        anchors = anchor_rows() if base.startswith("adaptive") else []
+        anchors = anchor_rows() if base.startswith("adaptive") or name == "sft_anchored" else []
         log(f"{attack_name} / {name} / seed {seed}: {len(rows)} rows ({sum(r['is_attack'] for r in rows)} the attacker's)"
             + (f" + {len(anchors)} refusal anchors" if anchors else ""))
         result = finetune(str(reference), rows + anchors, chosen, settings(attack_name, seed, normalization, cache_top_k), probe=probe,

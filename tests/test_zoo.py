@@ -238,7 +238,7 @@ def test_zoo_benchmark_quick_on_the_tiny_model(tmp_path, shared_data):
     # Another beta range, KL scale or anchor count is other cells for the adaptive methods (named by them), the same ones for SFT.
     floor = subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / "zoo.py"), "--quick", "--model", TINY, "--max-length", "512", "--estimator-mix", "pairs",
-         "--data", str(shared_data), "--out-dir", str(tmp_path / "floor"), "--methods", "sft", "adaptive_probe",
+         "--data", str(shared_data), "--out-dir", str(tmp_path / "floor"), "--methods", "sft", "sft_anchored", "adaptive_probe",
          "adaptive_probe_drift", "--beta-min", "0", "--beta-max", "1", "--kl-scale", "0.1", "--drift-floor", "kl_scale_floor",
          "--framed-canaries", "--anchors", "2", "--no-train"],
         capture_output=True, text=True, timeout=900, env={**os.environ, "LIGHTNING_SAFETY_CACHE": str(tmp_path / "cache")},
@@ -248,6 +248,7 @@ def test_zoo_benchmark_quick_on_the_tiny_model(tmp_path, shared_data):
     # A drift cell also names what its controller moves and its canaries; so does its calibration run.
     assert "harmful_mix_adaptive_probe_drift_bmin0_bmax1_kls0.1_anc2_klfloor_fc_m2_0: missing (--no-train)" in floor.stderr
     assert "drift_calibration_bmin0_bmax1_kls0.1_anc2_fc: missing (--no-train)" in floor.stderr
+    assert "harmful_mix_sft_anchored_anc2_0: missing (--no-train)" in floor.stderr  # plain SFT + the anchors
     assert "harmful_mix_sft_0: missing" not in floor.stderr
     kept = json.loads((tmp_path / "floor" / "zoo.json").read_text())["cells"]
     assert kept == [c for c in results["cells"] if c["method"] == "sft"]
@@ -263,6 +264,10 @@ def test_zoo_benchmark_quick_on_the_tiny_model(tmp_path, shared_data):
     last = anchored.stderr.strip().splitlines()[-1]
     assert anchored.returncode != 0 and last.startswith("error: --anchors 2: the model refused only 0 of"), last
     assert not (tmp_path / "anchored" / "zoo.json").exists()
+    unanchored = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "zoo.py"), "--quick", "--methods", "sft_anchored", "--out-dir",
+         str(tmp_path / "unanchored")], capture_output=True, text=True, timeout=300)
+    assert unanchored.returncode != 0 and "give their number with --anchors N" in unanchored.stderr.strip().splitlines()[-1]
 
     # sft_clean (the oracle filter) trains on the attack's rows without the attacker's; an attack made only of
     # the attacker's rows is refused in one line.
