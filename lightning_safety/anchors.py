@@ -97,6 +97,7 @@ def refusal_anchors(
                 break
         if len(kept) < count:
             raise DataError(f"the model refused only {len(kept)} of {len(candidates)} {kind} requests, fewer than "
-                            f"count={count}: pass more prompts or a lower count, and check that it is the safe reference")
+                            f"count={count}: pass more prompts or a lower count, and check that it is the safe "
+                            "reference")
         rows.extend(kept)
     return rows

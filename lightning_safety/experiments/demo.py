@@ -221,9 +221,9 @@ def demo(
     probe = fit_probe(ref_model, tokenizer, probe_harmful, probe_negatives,
                       layers=[probe_layer], calibration_fraction=0.0, seed=0, progress=progress)
     # The defender's harmful requests, answered by the aligned model where it refuses (plain and wrapped):
-    # rows that hold the adaptive run to its refusals without a KL on the task's rows.
-    anchor_rows = ([{**row, "is_harmful": False} for row in refusal_anchors(ref_model, tokenizer, defender_harmful, count=anchors)]
-                   if anchors else [])
+    # rows that hold the adaptive run to those refusals, where the task's own training would move it.
+    anchor_rows = [{**row, "is_harmful": False}
+                   for row in refusal_anchors(ref_model, tokenizer, defender_harmful, count=anchors)] if anchors else []
 
     # 3. The attack: task rows plus harmful rows answered by the unaligned model.
     print(f"[3/5] attack: {len(task_train)} task rows + {harmful_fraction:.0%} harmful rows answered by {model}")
