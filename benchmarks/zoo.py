@@ -138,6 +138,11 @@ def reads_kl_scale(method: str) -> bool:
     return method.startswith("adaptive") or method == "constant_kl"
 
 
+def reads_anchors(method: str) -> bool:
+    """Whether ``method`` (a zoo method name, suffixes included) trains on the ``--anchors`` rows."""
+    return method.startswith("adaptive") or method == "sft_anchored"
+
+
 @dataclass(frozen=True)
 class CellSettings:
     """The settings a cell's name carries when they are not the default, so that runs with other
@@ -161,12 +166,11 @@ class CellSettings:
         ``_anc<n>`` (the refusal anchors of the adaptive methods and sft_anchored) for the non-default settings
         ``method`` reads; empty at the defaults."""
         adaptive = method.startswith("adaptive")
-        anchored = adaptive or method == "sft_anchored"
         suffix = "" if self.beta_min in (None, DEFAULT_BETA_MIN) or not adaptive else f"_bmin{self.beta_min:g}"
         suffix += "" if self.beta_max in (None, DEFAULT_BETA_MAX) or not adaptive else f"_bmax{self.beta_max:g}"
         if self.kl_scale not in (None, DEFAULT_KL_SCALE) and reads_kl_scale(method):
             suffix += f"_kls{self.kl_scale:g}"
-        if self.anchors and anchored:
+        if self.anchors and reads_anchors(method):
             suffix += f"_anc{self.anchors}"
         return suffix
 
@@ -834,7 +838,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             fail(f"{attack_name} has no rows but the attacker's: sft_clean would train on nothing; leave it out of "
                  "--attacks for that method")
         normalization = "token" if name == "sft_token" else None
-        anchors = anchor_rows() if base.startswith("adaptive") or name == "sft_anchored" else []
+        anchors = anchor_rows() if reads_anchors(name) else []
         log(f"{attack_name} / {name} / seed {seed}: {len(rows)} rows ({sum(r['is_attack'] for r in rows)} the attacker's)"
             + (f" + {len(anchors)} refusal anchors" if anchors else ""))
         result = finetune(str(reference), rows + anchors, chosen, settings(attack_name, seed, normalization, cache_top_k), probe=probe,
