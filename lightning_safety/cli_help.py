@@ -27,6 +27,8 @@ SUBCOMMANDS: tuple[tuple[str, str], ...] = (
               "or several; write each row's risk."),
     ("evaluate", "Evaluate a model's safety and utility; write metrics.json, summary.md, samples and plots."),
     ("demo", "Align a small model, attack it by fine-tuning, defend it with adaptive KL; print a table."),
+    ("anchors", "Write the safe reference's refusals to harmful requests as a JSONL of refusal anchors (for "
+                "data.anchors)."),
     ("export", "Export a SafeFineTuning checkpoint for inference: a Hugging Face folder, or a PEFT adapter."),
     ("precompute-reference", "Run the frozen reference once over a recipe's data; cache its top-k log-probs (for "
                              "--model.reference_cache)."),

@@ -12,6 +12,9 @@
 * ``lightning-safety score``: score a chat dataset or a prompt list once with a judge, a probe or both
   (``lightning_safety.risk.score_prompts``); write the scores as a ``risk`` column (JSONL) and/or as a
   risk cache that ``RiskCallback(cache_path=...)`` reuses.
+* ``lightning-safety anchors``: the safe reference's own refusals to harmful requests the defender holds,
+  plain and in the package's disguise wrappers, as a JSONL that a recipe's ``data.anchors`` reads
+  (:func:`lightning_safety.anchors.refusal_anchors`).
 * ``lightning-safety export``: a training checkpoint (file, or FSDP2's sharded folder) as a Hugging
   Face model folder or a PEFT adapter, for inference.
 * ``lightning-safety precompute-reference``: run the frozen reference of a ``fit`` recipe once over its
@@ -622,6 +625,61 @@ def _batches_on(loaders: list[Any], device: Any) -> Any:
             yield {key: value.to(device) if torch.is_tensor(value) else value for key, value in batch.items()}
 
 
+def anchors(
+    model: str,
+    output: str,
+    prompts: PromptSource | None = None,
+    count: int = 8,
+    wrapped: bool = True,
+    max_new_tokens: int = 48,
+    batch_size: int = 16,
+    system_prompt: str | None = None,
+    dtype: str | None = None,
+    overwrite: bool = False,
+) -> list[dict[str, Any]]:
+    """Write the safe reference's refusals to harmful requests as a JSONL of refusal anchors (for data.anchors).
+
+    Each row is ``{"id", "prompt", "response", "anchor": "refusal", "risk": 1, "is_harmful": true}``: ``count`` plain requests and ``count``
+    wrapped copies that the model refused (answers that do not start as a refusal are skipped, so no
+    anchor teaches compliance). A ``fit`` recipe adds them to its training rows with
+    ``data.anchors: <output>``; they hold the model to its own refusals where safety lives, so the task
+    trains with no KL on every row (``benchmarks/results/zoo.md``).
+
+    Args:
+        model: the safe reference the recipe fine-tunes from and holds to (name, folder, GGUF or alias).
+        output: the JSONL file to write (written whole or not at all).
+        prompts: harmful requests the defender holds (default: the package's 120 built-in ones); keep
+            them apart from the requests you evaluate ASR on.
+        count: refusals of each kind (plain, wrapped) to keep.
+        wrapped: also anchor copies in the package's disguise wrappers (false: plain requests only).
+        max_new_tokens: length of each refusal.
+        batch_size: prompts per ``generate`` call.
+        system_prompt: the system prompt the recipe's data uses (None: the chat template's default).
+        dtype: weights dtype for the model.
+        overwrite: replace an existing ``output``.
+    """
+    from lightning_safety.anchors import refusal_anchors
+    from lightning_safety.demo_data import load_demo_prompts
+    from lightning_safety.evaluation.generation import GenerationSettings
+    from lightning_safety.models import load_causal_lm, load_tokenizer
+
+    target = Path(output)
+    if target.suffix != ".jsonl":
+        raise DataError(f"--output {output} does not end in .jsonl: anchors are written as JSON lines, which "
+                        "data.anchors reads by that suffix")
+    if target.exists() and not overwrite:
+        raise DataError(f"{output} exists: pass --overwrite true to replace it, or choose another --output")
+    settings = GenerationSettings(max_new_tokens=max_new_tokens, batch_size=batch_size, system_prompt=system_prompt)
+    requests = load_prompts(prompts) if prompts is not None else load_demo_prompts("harmful")
+    network, tokenizer = load_causal_lm(model, dtype=dtype), load_tokenizer(model)
+    network.eval()
+    rows = [{**row, "risk": 1.0, "is_harmful": True}  # for data that carries these columns (dropped otherwise)
+            for row in refusal_anchors(network, tokenizer, requests, count=count, wrapped=wrapped, generation=settings)]
+    atomic_write_text(target, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+    print(f"wrote {len(rows)} refusal anchors of {model} to {output}; add them to a recipe with data.anchors: {output}")
+    return rows
+
+
 def _human_bytes(size: int) -> str:
     """``512 B``, ``4.4 MB``, ``1.3 GB`` (powers of 1000)."""
     if size < 1000:
@@ -632,7 +690,7 @@ def _human_bytes(size: int) -> str:
 
 
 COMMANDS = {"probe": {"fit": probe_fit, "sweep": probe_sweep}, "judge": {"fit": judge_fit}, "score": score,
-            "evaluate": evaluate, "demo": demo, "export": export, "precompute-reference": precompute_reference}
+            "evaluate": evaluate, "demo": demo, "anchors": anchors, "export": export, "precompute-reference": precompute_reference}
 
 
 def run_command(args: Sequence[str]) -> Any:
@@ -655,5 +713,5 @@ def is_command(args: Sequence[str]) -> bool:
     return bool(args) and args[0] in COMMANDS
 
 
-__all__ = ["PromptSource", "demo", "evaluate", "export", "is_command", "judge_fit", "load_prompts", "precompute_reference",
+__all__ = ["PromptSource", "anchors", "demo", "evaluate", "export", "is_command", "judge_fit", "load_prompts", "precompute_reference",
            "probe_fit", "probe_sweep", "run_command", "score"]

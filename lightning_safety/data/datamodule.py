@@ -67,6 +67,13 @@ class ChatSFTDataModule(LightningDataModule):
         num_workers: DataLoader worker processes.
         seed: Seed of the shuffle, the attack mix and the validation hold-out.
         pad_to_multiple_of: Pad batch length up to a multiple of this.
+        anchors: Refusal anchors added to the training rows after the mix, same forms as ``train``:
+            the safe reference's own refusals to harmful requests the defender holds, as written by
+            ``lightning-safety anchors`` (:func:`~lightning_safety.anchors.refusal_anchors`). They hold
+            the model to its refusals while the task trains without a KL on every row. When the
+            training rows carry a ``risk`` column, an anchor without one gets risk 1 (the schedule's
+            ``beta_max``); otherwise the risk estimator scores anchors like any row. When the training
+            rows carry ``is_harmful``, anchors get True (a harmful request, answered by a refusal).
     """
 
     def __init__(
@@ -87,6 +94,7 @@ class ChatSFTDataModule(LightningDataModule):
         num_workers: int = 0,
         seed: int = 0,
         pad_to_multiple_of: int | None = None,
+        anchors: str | list[dict] | DataSource | None = None,
     ) -> None:
         super().__init__()
         if not 0.0 <= harmful_fraction <= 1.0:
@@ -102,6 +110,7 @@ class ChatSFTDataModule(LightningDataModule):
         self.val_source = val
         self.harmful_source = harmful
         self.harmful_fraction = harmful_fraction
+        self.anchors_source = anchors
         self.mix_size = mix_size
         self.val_fraction = val_fraction
         self.chat_template = chat_template
@@ -191,8 +200,20 @@ class ChatSFTDataModule(LightningDataModule):
         )
         return [replace((harmful if flag else benign)[index], is_harmful=flag) for flag, index in plan]
 
+    def _anchor_records(self, train: list[ChatRecord]) -> list[ChatRecord]:
+        """The anchors' records, their ``risk`` and ``is_harmful`` filled in the way the training rows carry them."""
+        anchors = self._records(self.anchors_source)
+        if not anchors:
+            raise DataError("data.anchors holds no rows: write them with `lightning-safety anchors --model ... "
+                            "--output anchors.jsonl`, or drop data.anchors")
+        with_risk = any(record.risk is not None for record in train)
+        with_flag = any(record.is_harmful is not None for record in train)
+        return [replace(record, risk=(1.0 if record.risk is None else record.risk) if with_risk else None,
+                        is_harmful=(True if record.is_harmful is None else record.is_harmful) if with_flag else None)
+                for record in anchors]
+
     def build_records(self) -> tuple[list[ChatRecord], list[ChatRecord]]:
-        """Training and validation records: loaded, normalised, held out and mixed (no tokens yet)."""
+        """Training and validation records: loaded, normalised, held out, mixed and anchored (no tokens yet)."""
         train = self._records(self.train_source)
         val = self._records(self.val_source)
         if self.val_source is None and self.val_fraction > 0 and train:
@@ -203,6 +224,8 @@ class ChatSFTDataModule(LightningDataModule):
             train = self._mix(train)
         elif self.harmful_source is not None:
             rank_zero_warn("data.harmful is set but data.harmful_fraction is 0: no harmful rows are mixed in")
+        if self.anchors_source is not None:
+            train = train + self._anchor_records(train)
         check_ids(train)  # benign and harmful sources may both number their rows 0, 1, ...
         return train, val
 
@@ -210,7 +233,7 @@ class ChatSFTDataModule(LightningDataModule):
 
     def prepare_data(self) -> None:
         """Download hub datasets once per node (``setup`` then reads them from the cache)."""
-        for source in (self.train_source, self.val_source, self.harmful_source):
+        for source in (self.train_source, self.val_source, self.harmful_source, self.anchors_source):
             path = source.path if isinstance(source, DataSource) else source
             if is_hub_source(path):
                 load_source(source)  # type: ignore[arg-type]
