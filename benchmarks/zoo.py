@@ -30,7 +30,8 @@ attack's data without the attacker's rows: the task utility a perfect filter kee
 with the ``--anchors`` rows mixed in), ``adaptive_probe_cached``,
 ``adaptive_probe_refusal``; ``--beta-min`` sets the adaptive methods' beta at risk 0, ``--kl-scale`` the factor on
 the KL term (the NLL keeps its 1 - beta), ``--anchors`` adds the defender's refusal anchors
-(:mod:`lightning_safety.anchors`) to the adaptive methods' rows. Every cell is cached as it finishes
+(:mod:`lightning_safety.anchors`) to the adaptive methods' rows, ``--answer-anchors`` the aligned model's
+answers to borderline-safe prompts beside them. Every cell is cached as it finishes
 (``<cache>/zoo/<key>/cells``) and the outputs are rewritten after each one, so a stopped run keeps
 what it measured and continues where it was.
 
@@ -69,7 +70,7 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks.common import DEFAULT_DATA, DEFAULT_OUT, T0, fail, log, pct, read_public_data  # noqa: E402
 
-from lightning_safety.anchors import refusal_anchors  # noqa: E402
+from lightning_safety.anchors import answer_anchors, refusal_anchors  # noqa: E402
 from lightning_safety.experiments.alignment import DEFAULT_REFUSALS, AlignmentSettings, build_aligned_reference  # noqa: E402
 from lightning_safety.callbacks import SafetyDriftController  # noqa: E402
 from lightning_safety.data.prompts import PromptSource  # noqa: E402
@@ -156,6 +157,7 @@ class CellSettings:
     drift_floor: str | None = None
     framed_canaries: bool | None = None
     anchors: int | None = None
+    answer_anchors: int | None = None
 
     @classmethod
     def of(cls, values: dict[str, Any]) -> CellSettings:
@@ -163,7 +165,8 @@ class CellSettings:
 
     def suffix(self, method: str) -> str:
         """``_bmin<v>`` / ``_bmax<v>`` (adaptive methods' beta range), ``_kls<v>`` (KL methods' KL scale) and
-        ``_anc<n>`` (the refusal anchors of the adaptive methods and sft_anchored) for the non-default settings
+        ``_anc<n>`` / ``_ans<n>`` (the refusal / answer anchors of the adaptive methods and sft_anchored) for the
+        non-default settings
         ``method`` reads; empty at the defaults."""
         adaptive = method.startswith("adaptive")
         suffix = "" if self.beta_min in (None, DEFAULT_BETA_MIN) or not adaptive else f"_bmin{self.beta_min:g}"
@@ -172,6 +175,8 @@ class CellSettings:
             suffix += f"_kls{self.kl_scale:g}"
         if self.anchors and reads_anchors(method):
             suffix += f"_anc{self.anchors}"
+        if self.answer_anchors and reads_anchors(method):
+            suffix += f"_ans{self.answer_anchors}"
         return suffix
 
     def canary_suffix(self) -> str:
@@ -500,6 +505,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "(the package's, after the alignment and canary prompts, held-out categories out) and as "
                              "many wrapped copies, answered by the aligned model where it refuses, added to every "
                              "adaptive method's rows and to the drift calibration's (cells named _anc<n>)")
+    parser.add_argument("--answer-anchors", type=int, default=0,
+                        help="answer anchors (lightning_safety.anchors.answer_anchors): this many of the package's "
+                             "borderline-safe prompts, answered by the aligned model where it does not refuse, added "
+                             "to the rows of every method that reads --anchors (cells named _ans<n>)")
     parser.add_argument("--estimator-mix", choices=["plain", "pairs", "framed", "pairs_framed"], default="plain",
                         help="the estimators' training data: 'plain' (harmful vs benign + borderline, the committed "
                              "results), 'pairs' (+ all 240 topic-matched pairs: default_estimator_data(pairs=None)), "
@@ -540,6 +549,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             fail(f"unknown {name} {unknown}: use some of {', '.join(known)}")
     if args.anchors < 0:
         fail(f"--anchors {args.anchors} is invalid: give the number of refusal anchors of each kind, or 0 for none")
+    if args.answer_anchors < 0 or (args.answer_anchors and not args.anchors):
+        fail(f"--answer-anchors {args.answer_anchors} is invalid: give a number >= 0, with --anchors N (answer anchors "
+             "go with the refusal anchors)")
     if "sft_anchored" in args.methods and not args.anchors:
         fail("sft_anchored is plain SFT with the refusal anchors: give their number with --anchors N")
     try:  # the settings' own checks, before any work
@@ -780,7 +792,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 "rows": refusal_anchors(ref_model, ref_tok, anchor_prompts, count=args.anchors)})
         except LightningSafetyError as error:
             fail(f"--anchors {args.anchors}: {error}")
-        return [{**row, "is_harmful": False, "is_attack": False} for row in record["rows"]]
+        rows = record["rows"]
+        if args.answer_anchors:
+            try:
+                rows = rows + cached(f"answer_anchors_{args.answer_anchors}", lambda: {
+                    "rows": answer_anchors(ref_model, ref_tok, borderline, count=args.answer_anchors)})["rows"]
+            except LightningSafetyError as error:
+                fail(f"--answer-anchors {args.answer_anchors}: {error}")
+        return [{**row, "is_harmful": False, "is_attack": False} for row in rows]
 
     def aligned_cell() -> dict[str, Any]:
         rates, by_condition, seconds, predictions = evaluate(ref_model, ref_tok, list(attacks))
