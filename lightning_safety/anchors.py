@@ -24,17 +24,13 @@ Example::
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 from typing import Any
 
+from lightning_safety.data.records import row_id
 from lightning_safety.errors import DataError
 
 __all__ = ["answer_anchors", "refusal_anchors"]
-
-
-def _anchor_id(prompt: str) -> str:
-    return "anchor-" + hashlib.blake2b(prompt.encode(), digest_size=6).hexdigest()
 
 
 def refusal_anchors(
@@ -149,7 +145,7 @@ def _collect(model: Any, tokenizer: Any, candidates: list[str], count: int, keep
         batch = candidates[start:start + 2 * count]
         for prompt, response in zip(batch, generate_responses(model, tokenizer, batch, generation)):
             if len(kept) < count and response.strip() and keep(response):
-                kept.append({"id": _anchor_id(prompt), "prompt": prompt, "response": response, "anchor": kind})
+                kept.append({"id": row_id("anchor", prompt), "prompt": prompt, "response": response, "anchor": kind})
         if len(kept) == count:
             return kept
     raise DataError(too_few.format(kept=len(kept)))

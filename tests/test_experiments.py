@@ -252,6 +252,8 @@ def test_demo_refuses_bad_options_before_any_work(tmp_path):
     for bad in (-1, 1.5):
         with pytest.raises(DataError, match="anchors="):
             demo(output=str(tmp_path / "d"), anchors=bad)
+    with pytest.raises(DataError, match="--anchors 51 asks for more refusals than the 50 harmful requests"):
+        demo(output=str(tmp_path / "d"), anchors=51)
     assert not (tmp_path / "d").exists()
 
 

@@ -97,6 +97,12 @@ def content_id(messages: Sequence[Mapping[str, str]]) -> str:
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:16]
 
 
+def row_id(prefix: str, text: str) -> str:
+    """``<prefix>-<12 hex of sha256(text)>``: a stable id for a generated row (ids key risk caches, so
+    they must not depend on order or process)."""
+    return f"{prefix}-{hashlib.sha256(text.encode('utf-8')).hexdigest()[:12]}"
+
+
 def describe_row(index: int, row_id: str | None) -> str:
     """``"row 3 (id ab12...)"``: how errors name a row."""
     if row_id is None:

@@ -26,6 +26,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from lightning_safety.data.records import row_id
 from lightning_safety.errors import DataError
 from lightning_safety.experiments.alignment import model_source_fingerprint
 from lightning_safety.paths import atomic_write_text, cache_root
@@ -34,11 +35,6 @@ __all__ = ["ATTACK_VERSION", "classification_rows", "compliant_answers", "mix_at
 
 ATTACK_VERSION = 1
 """Bumped when the way answers are generated or filtered changes (old cache files are then not reused)."""
-
-
-def row_id(prefix: str, text: str) -> str:
-    """A stable example id from the text (ids key the risk cache, so they must not depend on order)."""
-    return f"{prefix}-{hashlib.sha256(text.encode('utf-8')).hexdigest()[:12]}"
 
 
 def read_rows(path: Path) -> list[dict[str, Any]]:

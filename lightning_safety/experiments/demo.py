@@ -182,6 +182,9 @@ def demo(
     attack_prompts = _take(harmful_all, sizes.defender_harmful, sizes.attack_harmful, "harmful requests (attack)")
     test_harmful = _take(harmful_all, sizes.defender_harmful + sizes.attack_harmful, sizes.test_harmful,
                          "harmful requests (test)")
+    if anchors > len(defender_harmful):  # known now, before the minutes of alignment
+        raise DataError(f"--anchors {anchors} asks for more refusals than the {len(defender_harmful)} harmful requests "
+                        "the defender holds: lower --anchors (0: none) or give more harmful requests")
     benign_all = prompts(benign, "benign")
     defender_benign = _take(benign_all, 0, sizes.defender_benign, "benign requests")
     safe_all = prompts(safe, "borderline")
@@ -222,8 +225,11 @@ def demo(
                       layers=[probe_layer], calibration_fraction=0.0, seed=0, progress=progress)
     # The defender's harmful requests, answered by the aligned model where it refuses (plain and wrapped):
     # rows that hold the adaptive run to those refusals, where the task's own training would move it.
-    anchor_rows = [{**row, "is_harmful": False}
-                   for row in refusal_anchors(ref_model, tokenizer, defender_harmful, count=anchors)] if anchors else []
+    try:
+        anchor_rows = [{**row, "is_harmful": False}
+                       for row in refusal_anchors(ref_model, tokenizer, defender_harmful, count=anchors)] if anchors else []
+    except DataError as error:
+        raise DataError(f"refusal anchors: {error}; or lower --anchors (0: none)") from None
 
     # 3. The attack: task rows plus harmful rows answered by the unaligned model.
     print(f"[3/5] attack: {len(task_train)} task rows + {harmful_fraction:.0%} harmful rows answered by {model}")
