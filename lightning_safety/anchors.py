@@ -24,7 +24,7 @@ Example::
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from lightning_safety.data.records import row_id
@@ -135,9 +135,10 @@ def _checked(prompts: Sequence[str], count: int, generation: Any, detector: Any)
         detector or KeywordRefusal(match="start", start_chars=40)
 
 
-def _collect(model: Any, tokenizer: Any, candidates: list[str], count: int, keep: Any, generation: Any, kind: str,
-             too_few: str) -> list[dict[str, Any]]:
-    """The first ``count`` candidates whose greedy response ``keep`` accepts, as anchor rows of ``kind``."""
+def _collect(model: Any, tokenizer: Any, candidates: list[str], count: int, keep: Callable[[str], bool],
+             generation: Any, kind: str, too_few: str) -> list[dict[str, Any]]:
+    """The first ``count`` candidates whose greedy response ``keep`` accepts, as anchor rows of ``kind``;
+    else DataError(``too_few`` with ``{kept}`` filled in)."""
     from lightning_safety.evaluation.generation import generate_responses
 
     kept: list[dict[str, Any]] = []
