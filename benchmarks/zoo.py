@@ -784,7 +784,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return value
 
     def anchor_rows() -> list[dict[str, Any]]:
-        """The refusal anchors every adaptive cell adds (made once by the aligned model, then cached)."""
+        """The refusal (and answer) anchors every adaptive cell adds (made once by the aligned model, then cached)."""
         if not args.anchors:
             return []
         try:
@@ -859,7 +859,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         normalization = "token" if name == "sft_token" else None
         anchors = anchor_rows() if reads_anchors(name) else []
         log(f"{attack_name} / {name} / seed {seed}: {len(rows)} rows ({sum(r['is_attack'] for r in rows)} the attacker's)"
-            + (f" + {len(anchors)} refusal anchors" if anchors else ""))
+            + (f" + {len(anchors)} anchors" if anchors else ""))
         result = finetune(str(reference), rows + anchors, chosen, settings(attack_name, seed, normalization, cache_top_k), probe=probe,
                           judge=pair_judge if name == "adaptive_judge_pair" else judge, callbacks=controllers)
         rates, by_condition, seconds, predictions = evaluate(result.model, result.tokenizer, [attack_name])
