@@ -161,7 +161,11 @@ class CellSettings:
 
     @classmethod
     def of(cls, values: dict[str, Any]) -> CellSettings:
-        return cls(**{f.name: values.get(f.name) for f in fields(cls)})
+        settings = {f.name: values.get(f.name) for f in fields(cls)}
+        if "anchors" not in values and values.get("anchor_rows"):
+            # A cell record made before records named their anchor count: its rows were N plain + N wrapped.
+            settings["anchors"] = values["anchor_rows"] // 2
+        return cls(**settings)
 
     def suffix(self, method: str) -> str:
         """``_bmin<v>`` / ``_bmax<v>`` (adaptive methods' beta range), ``_kls<v>`` (KL methods' KL scale) and
@@ -871,6 +875,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 "conditions": by_condition, "train_seconds": result.seconds, "steps": result.steps,
                 "eval_seconds": seconds, "rows": len(rows), "attack_rows": sum(r["is_attack"] for r in rows),
                 "anchor_rows": len(anchors),
+                "anchors": args.anchors if anchors else None,
+                "answer_anchors": args.answer_anchors if anchors and args.answer_anchors else None,
                 "estimator": estimator_rates(result.risk, rows, flag="is_attack") if result.risk else None,
                 # Per-row risk (hence beta) and the predictions' label balance: what a utility gap is made of.
                 "row_risk": ({str(r["id"]): round(result.risk[str(r["id"])], 5) for r in rows + anchors

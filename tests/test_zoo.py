@@ -281,3 +281,24 @@ def test_zoo_benchmark_quick_on_the_tiny_model(tmp_path, shared_data):
     cell = json.loads((tmp_path / "clean" / "zoo.json").read_text())["cells"][0]
     mixed = next(c for c in results["cells"] if c["attack"] == "harmful_mix" and c["method"] == "sft")
     assert (cell["method"], cell["attack_rows"], cell["rows"]) == ("sft_clean", 0, mixed["rows"] - mixed["attack_rows"])
+
+
+def test_reused_cell_records_keep_their_anchor_names(monkeypatch):
+    """``--reuse`` files an earlier run's cells under the names this run looks for: a record with anchors
+    must not land under the name of the same method without them (made before records named the count)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("zoo_benchmark", REPO / "benchmarks" / "zoo.py")
+    bench = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, bench)  # its dataclasses look their module up there
+    spec.loader.exec_module(bench)
+
+    def name(record):
+        return bench.cell_key(record["attack"], record["method"], record["seed"], bench.CellSettings.of(record))
+
+    legacy = {"attack": "harmful_mix", "method": "adaptive_probe", "seed": 1, "beta_min": 0.1, "anchor_rows": 32}
+    assert name(legacy) == "harmful_mix_adaptive_probe_anc16_1"
+    assert name({**legacy, "method": "sft_anchored", "beta_min": None}) == "harmful_mix_sft_anchored_anc16_1"
+    assert name({**legacy, "anchor_rows": 0}) == "harmful_mix_adaptive_probe_1"
+    assert name({**legacy, "anchor_rows": 48, "anchors": 16, "answer_anchors": 16}) == "harmful_mix_adaptive_probe_anc16_ans16_1"
+    assert name({**legacy, "anchor_rows": 0, "anchors": None, "answer_anchors": None}) == "harmful_mix_adaptive_probe_1"
